@@ -1,0 +1,21 @@
+# LLaVA-ReID as one DAG of file artifacts. Wiring only: every rule calls one `llava-reid` stage.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/retriever.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,37 @@
+# Data: the synthetic generator (embedded default) and validated annotations in Parquet.
+
+
+rule synthesize_data:
+    output:
+        annotations=out("data/synthetic/annotations.json"),
+        images=directory(out("data/synthetic/images")),
+    params:
+        cfg=stage_config("data"),
+        root=out("data/synthetic"),
+    log:
+        out("logs/synthesize_data.log"),
+    benchmark:
+        out("benchmarks/synthesize_data.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid synthesize --config {params.cfg:q} --out-dir {params.root} > {log} 2>&1"
+
+
+rule load_annotations:
+    input:
+        annotations=annotation_json(),
+    output:
+        out("data/annotations.parquet"),
+    params:
+        cfg=stage_config("data"),
+        image_root=image_root(),
+    log:
+        out("logs/load_annotations.log"),
+    benchmark:
+        out("benchmarks/load_annotations.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid load-annotations --config {params.cfg:q} --annotations {input.annotations}"
+        " --image-root {params.image_root} --out {output} > {log} 2>&1"

@@ -1,0 +1,72 @@
+# Retriever: starting point, IRRA-style training, gallery/query features cached to Parquet.
+
+
+rule init_retriever:
+    input:
+        out("data/annotations.parquet"),
+    output:
+        directory(out("models/retriever_init")),
+    params:
+        cfg=stage_config("retriever"),
+    log:
+        out("logs/init_retriever.log"),
+    benchmark:
+        out("benchmarks/init_retriever.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid init-retriever --config {params.cfg:q} --annotations {input}"
+        " --out {output} > {log} 2>&1"
+
+
+rule train_retriever:
+    input:
+        annotations=out("data/annotations.parquet"),
+        init=out("models/retriever_init"),
+    output:
+        model=directory(out("retriever/model")),
+        metrics=out("retriever/metrics.json"),
+    params:
+        cfg=stage_config("retriever"),
+        image_root=image_root(),
+        # Not an output: Snakemake would delete it on failure, and resuming needs it.
+        checkpoints=out("retriever/checkpoints"),
+    resources:
+        gpu=1,
+    threads: 2
+    log:
+        out("logs/train_retriever.log"),
+    benchmark:
+        out("benchmarks/train_retriever.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid train-retriever --config {params.cfg:q} --annotations {input.annotations}"
+        " --image-root {params.image_root} --init {input.init} --out {output.model}"
+        " --metrics {output.metrics} --checkpoints {params.checkpoints} > {log} 2>&1"
+
+
+rule cache_features:
+    input:
+        annotations=out("data/annotations.parquet"),
+        model=out("retriever/model"),
+    output:
+        gallery=out("features/{split}_gallery.parquet"),
+        queries=out("features/{split}_queries.parquet"),
+    wildcard_constraints:
+        split="train|val|test",
+    params:
+        cfg=stage_config("features"),
+        image_root=image_root(),
+    resources:
+        gpu=1,
+    log:
+        out("logs/cache_features_{split}.log"),
+    benchmark:
+        out("benchmarks/cache_features_{split}.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid cache-features --config {params.cfg:q} --annotations {input.annotations}"
+        " --image-root {params.image_root} --model {input.model} --split {wildcards.split}"
+        " --gallery-out {output.gallery} --queries-out {output.queries} > {log} 2>&1"

@@ -1,0 +1,69 @@
+"""Loading and validating the workflow config outside Snakemake (the CLI's --config)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_NAME = "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The config does not match the schema."""
+
+
+def _schema_path() -> Path:
+    # The schema lives in the workflow (workflow/schemas/); the package ships a copy for
+    # installs outside the repository.
+    repo = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / SCHEMA_NAME
+    if repo.exists():
+        return repo
+    return Path(str(resources.files("llava_reid") / SCHEMA_NAME))
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(_schema_path().read_text())
+
+
+def validate_section(cfg: dict[str, Any], source: str) -> None:
+    """Validate the keys present in ``cfg`` against their schema entries.
+
+    Rules pass only the sections a stage reads, so required top-level keys are not enforced
+    here; each present section is checked in full.
+    """
+    schema = load_schema()
+    partial = dict(schema)
+    partial["required"] = [k for k in schema.get("required", []) if k in cfg]
+    validator = jsonschema.Draft202012Validator(partial)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.path))
+    if errors:
+        lines = [f"  {'.'.join(map(str, e.path)) or '<top>'}: {e.message}" for e in errors[:10]]
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines))
+
+
+def load_config(value: str) -> dict[str, Any]:
+    """``value`` is inline JSON (what the rules pass) or the path of a YAML/JSON config file."""
+    if value.lstrip().startswith("{"):
+        cfg, source = json.loads(value), "--config (inline JSON)"
+    else:
+        path = Path(value)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        cfg, source = yaml.safe_load(path.read_text()), str(path)
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{path}: config must be a mapping")
+    validate_section(cfg, source)
+    return cfg
+
+
+def stage_view(cfg: dict[str, Any], *sections: str) -> dict[str, Any]:
+    """The part of the config a stage depends on: seed, device and the named sections."""
+    view = {"seed": cfg["seed"], "device": cfg["device"]}
+    for name in sections:
+        view[name] = cfg[name]
+    return view
