@@ -1,0 +1,169 @@
+"""prepare-data: look-ahead labels and SFT conversations for the questioner, in Parquet.
+
+For every training image, up to ``dialogue.rounds`` look-ahead steps pick, among the image's
+annotated answers not used yet, the one whose addition to the query ranks the target highest
+against the training gallery (cached features). Each step becomes one SFT example: the
+dialogue so far, the question whose answer was chosen as the target, a seeded prompt template
+and the top-N retrieval pool of the query so far. A seeded fraction of dialogues is
+duplicated with some history answers replaced by "I don't know." so the questioner learns not
+to repeat such questions.
+
+Runs in one process, or sharded over processes when launched with torchrun (results are
+gathered on rank 0, which writes). The oracle's R@1 per round is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from llava_reid.artifacts import write_table
+from llava_reid.data.annotations import read_annotations
+from llava_reid.interact.gallery import Gallery
+from llava_reid.interact.oracle import best_next_answers
+from llava_reid.interact.query import append_answer
+from llava_reid.questioner.prompts import NUM_TEMPLATES
+from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.runtime import config_hash
+
+log = logging.getLogger(__name__)
+
+IDK = "I don't know."
+
+
+def plan_dialogues(encoder, gallery: Gallery, rows: pd.DataFrame, rounds: int,
+                   min_remaining: int, batch_size: int) -> list[dict[str, Any]]:
+    """Run the look-ahead for ``rows``; one plan record per (image, round) with a choice."""
+    pids = torch.as_tensor(rows.pid.to_numpy())
+    queries = list(rows.initial_description)
+    answers = [list(a) for a in rows.answers]
+    used: list[set[int]] = [set() for _ in queries]
+    feats = encoder.encode_texts(queries, batch_size)
+    ranks = gallery.target_ranks(feats, pids).tolist()
+    active = list(range(len(rows)))
+    plan: list[dict[str, Any]] = []
+    for r in range(rounds):
+        if not active:
+            break
+        choices = best_next_answers(
+            encoder, gallery, [queries[i] for i in active], [answers[i] for i in active],
+            [used[i] for i in active], pids[active], [ranks[i] for i in active],
+            min_remaining=min_remaining, batch_size=batch_size,
+        )
+        still = []
+        for i, choice in zip(active, choices, strict=True):
+            if choice.answer_index < 0:
+                continue
+            plan.append({
+                "image_idx": int(rows.image_idx.iloc[i]), "pid": int(rows.pid.iloc[i]),
+                "round": r, "answer_index": choice.answer_index,
+                "rank_before": ranks[i], "rank_after": choice.rank,
+            })
+            used[i].add(choice.answer_index)
+            queries[i], ranks[i] = choice.query, choice.rank
+            still.append(i)
+        active = still
+    return plan
+
+
+def oracle_recall_per_round(plan: pd.DataFrame, n_images: int, rounds: int) -> list[float]:
+    """R@1 (%) of the oracle's query after each round; stopped dialogues keep their rank."""
+    if plan.empty:
+        return []
+    first = plan[plan["round"] == 0].set_index("image_idx")["rank_before"]
+    current = first.to_dict()
+    out = [100.0 * sum(v == 1 for v in current.values()) / n_images]
+    for r in range(rounds):
+        step = plan[plan["round"] == r]
+        if step.empty:
+            break
+        current.update(step.set_index("image_idx")["rank_after"].to_dict())
+        out.append(100.0 * sum(v == 1 for v in current.values()) / n_images)
+    return out
+
+
+def build_conversations(rows: pd.DataFrame, plan: pd.DataFrame, pcfg: dict[str, Any],
+                        seed: int) -> pd.DataFrame:
+    """SFT examples (without pools) from the plan; seeded templates and IDK duplicates."""
+    rng = np.random.default_rng([seed, 17])
+    by_image = {int(k): g.sort_values("round") for k, g in plan.groupby("image_idx")}
+    examples = []
+    for row in rows.itertuples():
+        steps = by_image.get(int(row.image_idx))
+        if steps is None:
+            continue
+        chosen = steps.answer_index.tolist()
+        questions = [row.questions[j] for j in chosen]
+        answers = [row.answers[j] for j in chosen]
+        variants = [(answers, False)]
+        if rng.random() < pcfg["idk_duplicate_prob"]:
+            flipped = [IDK if rng.random() < pcfg["idk_answer_prob"] else a for a in answers]
+            variants.append((flipped, True))
+        for history_answers, augmented in variants:
+            description = row.initial_description
+            for r, j in enumerate(chosen):
+                examples.append({
+                    "image_idx": int(row.image_idx), "pid": int(row.pid), "round": r,
+                    "initial_description": row.initial_description,
+                    "history_questions": questions[:r],
+                    "history_answers": history_answers[:r],
+                    "description": description,
+                    "target_question": questions[r], "target_answer_index": int(j),
+                    "template_id": int(rng.integers(NUM_TEMPLATES)),
+                    "idk_augmented": augmented,
+                })
+                description = append_answer(description, history_answers[r])
+    table = pd.DataFrame(examples)
+    table.insert(0, "example_id", np.arange(len(table), dtype=np.int64))
+    return table
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
+        oracle_plan: str, conversations: str) -> None:
+    pcfg, dcfg, seed = cfg["prepare"], cfg["dialogue"], cfg["seed"]
+    rank, world = _distributed()
+    rows = read_annotations(annotations, split="train").reset_index(drop=True)
+    encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
+    index = Gallery.from_parquet(gallery, encoder.device)
+    shard = rows.iloc[rank::world]
+    plan = plan_dialogues(encoder, index, shard, dcfg["rounds"], pcfg["min_remaining"],
+                          pcfg["batch_size"])
+    if world > 1:
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, plan)
+        plan = [p for part in parts for p in part]
+    if rank != 0:
+        return
+    plan_df = pd.DataFrame(plan).sort_values(["image_idx", "round"]).reset_index(drop=True)
+    recall = oracle_recall_per_round(plan_df, len(rows), dcfg["rounds"])
+    log.info("oracle R@1 per round (initial, after each answer): %s",
+             ", ".join(f"{v:.1f}" for v in recall))
+
+    convs = build_conversations(rows, plan_df, pcfg, seed)
+    feats = encoder.encode_texts(list(convs.description), pcfg["batch_size"])
+    pools = index.image_idx[index.top_k(feats, dcfg["pool_size"])].cpu().numpy()
+    convs["pool"] = [p.astype(np.int32) for p in pools]
+
+    tag = config_hash({"prepare": pcfg, "dialogue": dcfg, "seed": seed})
+    meta = {"retriever": str(retriever), "oracle_r1_per_round": [round(v, 2) for v in recall]}
+    write_table(plan_df, oracle_plan, "oracle_plan", config_hash=tag, producer="prepare-data",
+                extra_metadata=meta)
+    write_table(convs, conversations, "conversations", config_hash=tag,
+                producer="prepare-data", extra_metadata=meta)
+    log.info("%d plan steps, %d conversations (%d IDK-augmented) -> %s",
+             len(plan_df), len(convs), int(convs.idk_augmented.sum()), Path(conversations).parent)

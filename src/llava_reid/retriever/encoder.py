@@ -1,0 +1,89 @@
+"""Inference-side retriever: load a trained model folder and encode images or texts.
+
+The folder holds the CLIP weights + tokenizer (``save_pretrained``) and ``retriever.json``
+(input size, text context, temperature), written by train-retriever.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from llava_reid.data.transforms import RetrieverTransform
+from llava_reid.retriever.model import QueryTokenizer, Retriever, load_clip, load_tokenizer
+from llava_reid.runtime import default_dtype, resolve_device
+
+SETTINGS_FILE = "retriever.json"
+
+
+def write_settings(folder: str | Path, rcfg: dict) -> None:
+    settings = {
+        "image_height": rcfg["image_height"],
+        "image_width": rcfg["image_width"],
+        "text_length": rcfg["text_length"],
+        "temperature": rcfg["temperature"],
+    }
+    (Path(folder) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+class RetrieverEncoder:
+    """Encodes images and texts to L2-normalised features (float32, on ``device``)."""
+
+    def __init__(self, model: Retriever, tokenizer, settings: dict, device: torch.device):
+        self.model = model.eval()
+        self.settings = settings
+        self.device = device
+        self.tokenize = QueryTokenizer(tokenizer, settings["text_length"])
+        self.transform = RetrieverTransform(
+            settings["image_height"], settings["image_width"], train=False
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> RetrieverEncoder:
+        folder = Path(folder)
+        settings_path = folder / SETTINGS_FILE
+        if not settings_path.exists():
+            raise FileNotFoundError(f"{settings_path}: not a trained retriever folder")
+        settings = json.loads(settings_path.read_text())
+        dev = resolve_device(device)
+        clip = load_clip(folder, dtype=default_dtype(dev))
+        model = Retriever(clip, num_classes=0, with_mlm=False).to(dev)
+        return cls(model, load_tokenizer(folder), settings, dev)
+
+    @property
+    def dim(self) -> int:
+        return self.model.embed_dim
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.tokenize(list(texts[start : start + batch_size]))
+            feats = self.model.encode_text(ids.to(self.device), mask.to(self.device))
+            out.append(F.normalize(feats.float(), dim=-1))
+        if not out:
+            return torch.empty(0, self.dim, device=self.device)
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        feats = self.model.encode_image(pixels.to(self.device, dtype))
+        return F.normalize(feats.float(), dim=-1)
+
+    def encode_images(self, paths: Sequence[str | Path], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        for start in range(0, len(paths), batch_size):
+            batch = []
+            for p in paths[start : start + batch_size]:
+                with Image.open(p) as img:
+                    batch.append(self.transform(img))
+            out.append(self.encode_pixels(torch.stack(batch)))
+        if not out:
+            return torch.empty(0, self.dim, device=self.device)
+        return torch.cat(out)

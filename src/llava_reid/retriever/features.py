@@ -1,0 +1,74 @@
+"""cache-features: encode one split's gallery images and queries with the trained retriever.
+
+``features/{split}_gallery.parquet``: image_idx, pid, file_path, feat (L2-normalised).
+``features/{split}_queries.parquet``: one query per image (its initial description, the
+witness's first words) with the initial- and fine-grained-description features.
+Downstream stages rank against these features and never re-encode gallery images.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from llava_reid.artifacts import write_table
+from llava_reid.data.annotations import read_annotations
+from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.runtime import config_hash
+
+log = logging.getLogger(__name__)
+
+
+def embedding_column(feats: np.ndarray) -> pa.FixedSizeListArray:
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
+
+
+def run(
+    cfg: dict[str, Any],
+    annotations: str,
+    image_root: str,
+    model: str,
+    split: str,
+    gallery_out: str,
+    queries_out: str,
+) -> None:
+    rows = read_annotations(annotations, split=split)
+    if rows.empty:
+        raise ValueError(f"{annotations}: split {split!r} has no images")
+    encoder = RetrieverEncoder.from_pretrained(model, cfg["device"])
+    bs = cfg["features"]["batch_size"]
+    root = Path(image_root)
+    gallery = encoder.encode_images([root / p for p in rows.file_path], bs).cpu().numpy()
+    initial = encoder.encode_texts(list(rows.initial_description), bs).cpu().numpy()
+    fine = encoder.encode_texts(list(rows.fine_grained_description), bs).cpu().numpy()
+
+    tag = config_hash({"features": cfg["features"], "model": str(model)})
+    meta = {"model": str(model), "split": split, "embed_dim": int(gallery.shape[1])}
+    write_table(
+        pa.table({
+            "image_idx": pa.array(rows.image_idx.to_numpy(), pa.int32()),
+            "pid": pa.array(rows.pid.to_numpy(), pa.int64()),
+            "file_path": pa.array(list(rows.file_path), pa.string()),
+            "feat": embedding_column(gallery),
+        }),
+        gallery_out, "gallery_features", config_hash=tag, producer="cache-features",
+        extra_metadata=meta,
+    )
+    write_table(
+        pa.table({
+            "query_id": pa.array(rows.image_idx.to_numpy(), pa.int32()),
+            "pid": pa.array(rows.pid.to_numpy(), pa.int64()),
+            "initial_description": pa.array(list(rows.initial_description), pa.string()),
+            "initial_feat": embedding_column(initial),
+            "fine_grained_feat": embedding_column(fine),
+        }),
+        queries_out, "query_features", config_hash=tag, producer="cache-features",
+        extra_metadata=meta,
+    )
+    log.info("%s: %d gallery images, %d queries, dim %d", split, len(rows), len(rows),
+             gallery.shape[1])

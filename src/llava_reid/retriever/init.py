@@ -1,0 +1,136 @@
+"""The retriever's starting point, saved with ``save_pretrained`` so training always loads it
+with ``CLIPModel.from_pretrained``, at both scales.
+
+- ``retriever.pretrained: null`` (embedded default): a tiny CLIP config with random weights
+  (seeded) and a byte-level BPE tokenizer trained on the training split's text.
+- ``retriever.pretrained: <local CLIP folder>`` (real preset): that checkpoint, its text
+  context stretched to ``text_length`` by linear interpolation of the position embeddings
+  (CLIP has 77 positions; the method uses 192), and a ``<|mask|>`` token added for MLM.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+from llava_reid.artifacts import atomic_dir, read_table
+from llava_reid.runtime import seed_everything
+from llava_reid.tokenization import train_bpe_tokenizer
+
+log = logging.getLogger(__name__)
+
+MASK_TOKEN = "<|mask|>"
+SPECIAL_TOKENS = {
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+    "mask_token": MASK_TOKEN,
+}
+
+
+def training_corpus(annotations: str) -> list[str]:
+    """All text of the training split: descriptions, questions and answers."""
+    table = read_table(annotations, "annotations").to_pandas()
+    train = table[table["split"] == "train"]
+    corpus: list[str] = []
+    for row in train.itertuples():
+        corpus += [row.initial_description, row.fine_grained_description]
+        corpus += list(row.questions) + list(row.answers)
+    return corpus
+
+
+def build_tiny(rcfg: dict[str, Any], corpus: list[str], seed: int):
+    tiny = rcfg["tiny"]
+    tokenizer = train_bpe_tokenizer(
+        corpus,
+        vocab_size=tiny["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        lowercase=True,
+        model_max_length=rcfg["text_length"],
+    )
+    width, heads = tiny["hidden_size"], tiny["heads"]
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": width,
+            "intermediate_size": 4 * width,
+            "num_hidden_layers": tiny["text_layers"],
+            "num_attention_heads": heads,
+            "max_position_embeddings": rcfg["text_length"],
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "projection_dim": tiny["embed_dim"],
+        },
+        vision_config={
+            "hidden_size": width,
+            "intermediate_size": 4 * width,
+            "num_hidden_layers": tiny["vision_layers"],
+            "num_attention_heads": heads,
+            # Square position grid of the longer side; interpolated to H x W at run time.
+            "image_size": max(rcfg["image_height"], rcfg["image_width"]),
+            "patch_size": tiny["patch_size"],
+            "projection_dim": tiny["embed_dim"],
+        },
+        projection_dim=tiny["embed_dim"],
+    )
+    seed_everything(seed)
+    return CLIPModel(config), tokenizer
+
+
+def stretch_text_context(model: CLIPModel, length: int) -> None:
+    """Linearly interpolate the text position embeddings to ``length`` positions."""
+    emb = model.text_model.embeddings
+    old = emb.position_embedding.weight.data
+    if old.shape[0] == length:
+        return
+    new = F.interpolate(old.t()[None], size=length, mode="linear", align_corners=True)[0].t()
+    emb.position_embedding = nn.Embedding(length, old.shape[1])
+    emb.position_embedding.weight.data.copy_(new)
+    emb.register_buffer("position_ids", torch.arange(length)[None], persistent=False)
+    model.config.text_config.max_position_embeddings = length
+
+
+def adapt_pretrained(rcfg: dict[str, Any]):
+    path = Path(rcfg["pretrained"])
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: retriever.pretrained is not a local CLIP folder")
+    model = CLIPModel.from_pretrained(str(path), use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.mask_token is None:
+        tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        emb = model.text_model.embeddings.token_embedding
+        grown = nn.Embedding(len(tokenizer), emb.weight.shape[1])
+        grown.weight.data[: emb.weight.shape[0]] = emb.weight.data
+        grown.weight.data[emb.weight.shape[0] :] = emb.weight.data.mean(0)
+        model.text_model.embeddings.token_embedding = grown
+        model.config.text_config.vocab_size = len(tokenizer)
+    # Pool at the real EOS id, never the legacy argmax rule (broken once tokens are added).
+    model.config.text_config.eos_token_id = tokenizer.eos_token_id
+    model.text_model.eos_token_id = tokenizer.eos_token_id
+    stretch_text_context(model, rcfg["text_length"])
+    tokenizer.model_max_length = rcfg["text_length"]
+    return model, tokenizer
+
+
+def run(cfg: dict[str, Any], annotations: str, out: str) -> None:
+    rcfg = cfg["retriever"]
+    if rcfg["pretrained"]:
+        model, tokenizer = adapt_pretrained(rcfg)
+        log.info("adapted %s: text context %d", rcfg["pretrained"], rcfg["text_length"])
+    else:
+        model, tokenizer = build_tiny(rcfg, training_corpus(annotations), cfg["seed"])
+        n = sum(p.numel() for p in model.parameters())
+        log.info("tiny CLIP: %.2f M parameters, vocab %d", n / 1e6, len(tokenizer))
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

@@ -1,0 +1,327 @@
+"""train-retriever: IRRA-style training (SDM + ID + MLM) of the CLIP dual encoder.
+
+- accelerate for devices and precision: bf16 on GPU, fp32 on CPU, DDP when launched on
+  several processes (``torchrun``/``accelerate launch``);
+- image <-> fine-grained description pairs of the training split, augmentation as IRRA;
+- a checkpoint after every epoch (model, heads, optimizer, schedule, best-so-far); a rerun with
+  the same config resumes from it, a changed config starts over;
+- the kept epoch is chosen on the VALIDATION split (the original selected on test);
+- every random draw derives from (seed, epoch, step/sample), so a resumed run equals an
+  uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from llava_reid.artifacts import atomic_dir, write_json
+from llava_reid.data.annotations import read_annotations
+from llava_reid.data.transforms import RetrieverTransform
+from llava_reid.metrics import rank_metrics
+from llava_reid.retriever.encoder import RetrieverEncoder, write_settings
+from llava_reid.retriever.losses import id_loss, mask_tokens, mlm_loss, sdm_loss
+from llava_reid.retriever.model import QueryTokenizer, Retriever, load_clip, load_tokenizer
+from llava_reid.runtime import config_hash, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def _derived_seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2**62)
+    return h
+
+
+class PairDataset(Dataset):
+    """Training pairs: (augmented image, fine-grained description, class id, pid)."""
+
+    def __init__(self, rows: pd.DataFrame, image_root: Path, transform, seed: int):
+        self.rows = rows.reset_index(drop=True)
+        self.image_root = image_root
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows.iloc[i]
+        g = torch.Generator().manual_seed(_derived_seed(self.seed, self.epoch, i))
+        with Image.open(self.image_root / row.file_path) as img:
+            pixels = self.transform(img, g)
+        return pixels, row.fine_grained_description, int(row.class_id), int(row.pid)
+
+
+def _collate(batch):
+    pixels, texts, class_ids, pids = zip(*batch, strict=True)
+    return torch.stack(pixels), list(texts), torch.tensor(class_ids), torch.tensor(pids)
+
+
+def _param_groups(model: Retriever, rcfg: dict[str, Any]) -> list[dict[str, Any]]:
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr, wd = rcfg["lr"], rcfg["weight_decay"]
+        if name.startswith(("classifier", "cross_former")):
+            lr *= rcfg["lr_factor"]
+        if name.endswith("bias"):
+            lr, wd = lr * rcfg["bias_lr_factor"], 0.0
+        groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int, warmup_factor: float = 0.1):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_factor + (1 - warmup_factor) * step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def evaluate_split(encoder: RetrieverEncoder, rows: pd.DataFrame, image_root: Path, bs: int):
+    """f-* (fine-grained queries) and i-* (initial-description queries) metrics of a split."""
+    gallery = encoder.encode_images([image_root / p for p in rows.file_path], bs)
+    pids = torch.tensor(rows.pid.to_numpy())
+    out = {}
+    for prefix, column in (("f", "fine_grained_description"), ("i", "initial_description")):
+        queries = encoder.encode_texts(list(rows[column]), bs)
+        metrics = rank_metrics(queries @ gallery.t(), pids, pids)
+        out.update({f"{prefix}-{k}": round(float(v), 3) for k, v in metrics.items()})
+    return out
+
+
+class Checkpoints:
+    """``last/`` (resume point) and ``best/`` (kept epoch) under one folder, tagged with the
+    config hash so a changed config never resumes from a stale run."""
+
+    def __init__(self, folder: str | Path, tag: str):
+        self.folder = Path(folder)
+        self.tag = tag
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best"
+
+    def load_state(self) -> dict[str, Any] | None:
+        meta = self.last / "state.json"
+        if not meta.exists():
+            return None
+        state = json.loads(meta.read_text())
+        if state.get("config_hash") != self.tag:
+            log.info("checkpoints in %s are from another config: starting over", self.folder)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return None
+        return state
+
+    def save(self, model: Retriever, optimizer, scheduler, state: dict[str, Any]) -> None:
+        with atomic_dir(self.last) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      str(tmp / "retriever.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({**state, "config_hash": self.tag}))
+
+    def save_best(self, model: Retriever, tokenizer, rcfg: dict[str, Any]) -> None:
+        with atomic_dir(self.best) as tmp:
+            model.clip.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_settings(tmp, rcfg)
+
+    def restore(self, model: Retriever, optimizer, scheduler) -> None:
+        model.load_state_dict(load_file(str(self.last / "retriever.safetensors")))
+        opt = torch.load(self.last / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+
+
+def train_step(model, batch, tokenize, mask_cfg, weights, temperature, accelerator, g):
+    pixels, texts, class_ids, pids = batch
+    device = accelerator.device
+    pixels, class_ids, pids = pixels.to(device), class_ids.to(device), pids.to(device)
+    ids, attn = (t.to(device) for t in tokenize(texts))
+    net = accelerator.unwrap_model(model)
+    image_tokens = net.image_tokens(pixels)
+    image_feats = image_tokens[:, 0]
+    text_feats = net.encode_text(ids, attn)
+    losses = {}
+    if weights["sdm"] > 0:
+        all_img, all_txt, all_pid = image_feats, text_feats, pids
+        if accelerator.num_processes > 1:
+            # Other ranks' features join the similarity matrix without gradient.
+            gi, gt, gp = accelerator.gather((image_feats.detach(), text_feats.detach(), pids))
+            n, r = len(pids), accelerator.process_index
+            all_img = torch.cat([gi[: r * n], image_feats, gi[(r + 1) * n :]])
+            all_txt = torch.cat([gt[: r * n], text_feats, gt[(r + 1) * n :]])
+            all_pid = gp
+        losses["sdm"] = sdm_loss(all_img, all_txt, all_pid, all_pid, temperature)
+    if weights["id"] > 0:
+        losses["id"] = id_loss(net.classifier, image_feats.float(), text_feats.float(), class_ids)
+    if weights["mlm"] > 0:
+        masked, labels = mask_tokens(ids, attn, **mask_cfg, g=g)
+        logits = net.cross_former(net.text_tokens(masked, attn), image_tokens, attn == 0)
+        losses["mlm"] = mlm_loss(logits.float(), labels)
+    total = sum(weights[k] * v for k, v in losses.items())
+    return total, {k: float(v) for k, v in losses.items()}
+
+
+def run(
+    cfg: dict[str, Any],
+    annotations: str,
+    image_root: str,
+    init: str,
+    out: str,
+    metrics: str,
+    checkpoints: str,
+) -> None:
+    rcfg, seed = cfg["retriever"], cfg["seed"]
+    image_root = Path(image_root)
+    device = resolve_device(cfg["device"])
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+    )
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(seed)
+
+    table = read_annotations(annotations)
+    train_rows = table[table.split == "train"]
+    val_rows = table[table.split == "val"]
+    num_classes = int(train_rows.class_id.max()) + 1
+
+    tokenizer = load_tokenizer(init)
+    weights = rcfg["losses"]
+    model = Retriever(
+        load_clip(init),
+        num_classes=num_classes if weights["id"] > 0 else 0,
+        mlm_layers=rcfg["mlm_layers"],
+        temperature=rcfg["temperature"],
+        with_mlm=weights["mlm"] > 0,
+    )
+    tokenize = QueryTokenizer(tokenizer, rcfg["text_length"])
+    mask_cfg = {
+        "mask_id": tokenizer.mask_token_id,
+        "vocab_size": model.clip.config.text_config.vocab_size,
+        "special_ids": sorted(set(tokenizer.all_special_ids)),
+        "prob": rcfg["mlm_mask_prob"],
+    }
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_process = max(1, rcfg["batch_size"] // world)
+    steps_per_epoch = len(train_rows) // (per_process * world)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{annotations}: {len(train_rows)} training images < batch size {rcfg['batch_size']}"
+        )
+    total_steps = steps_per_epoch * rcfg["epochs"]
+    optimizer = torch.optim.Adam(_param_groups(model, rcfg), betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total_steps, steps_per_epoch * rcfg["warmup_epochs"])
+    )
+    ckpt = Checkpoints(checkpoints, config_hash({"retriever": rcfg, "seed": seed, "init": init}))
+    state = ckpt.load_state()
+    if state is not None:
+        ckpt.restore(model, optimizer, scheduler)
+        log.info("resuming after epoch %d (best %s)", state["epoch"], state.get("best"))
+    else:
+        state = {"epoch": 0, "best": None, "history": []}
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    transform = RetrieverTransform(rcfg["image_height"], rcfg["image_width"], train=rcfg["augment"])
+    if not rcfg["augment"]:
+        transform.train = False
+    dataset = PairDataset(train_rows, image_root, transform, seed)
+    num_workers = rcfg.get("num_workers", 0)
+
+    for epoch in range(state["epoch"] + 1, rcfg["epochs"] + 1):
+        started = time.time()
+        model.train()
+        dataset.epoch = epoch
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
+            _derived_seed(seed, epoch)))[: steps_per_epoch * per_process * world]
+        shard = order.view(steps_per_epoch, world, per_process)[:, rank].reshape(-1).tolist()
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, shard),
+            batch_size=per_process,
+            shuffle=False,
+            collate_fn=_collate,
+            num_workers=num_workers,
+            drop_last=True,
+        )
+        sums: dict[str, float] = {}
+        for step, batch in enumerate(loader):
+            g = torch.Generator().manual_seed(_derived_seed(seed, epoch, step, rank, 7))
+            with accelerator.autocast():
+                loss, parts = train_step(
+                    model, batch, tokenize, mask_cfg, weights, rcfg["temperature"], accelerator, g
+                )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        losses = {k: round(v / steps_per_epoch, 4) for k, v in sums.items()}
+
+        record: dict[str, Any] = {"epoch": epoch, "loss": losses, "seconds": 0.0}
+        if accelerator.is_main_process:
+            net = accelerator.unwrap_model(model)
+            net.eval()
+            encoder = RetrieverEncoder(net, tokenizer, _settings(rcfg), accelerator.device)
+            record["val"] = evaluate_split(encoder, val_rows, image_root, rcfg["eval_batch_size"])
+            score = record["val"][rcfg["select_metric"]]
+            if state["best"] is None or score > state["best"]["score"]:
+                state["best"] = {"epoch": epoch, "score": score}
+                ckpt.save_best(net, tokenizer, rcfg)
+            record["seconds"] = round(time.time() - started, 1)
+            state["history"].append(record)
+            state["epoch"] = epoch
+            ckpt.save(net, optimizer, scheduler, state)
+            log.info(
+                "epoch %d/%d loss %s val %s=%.2f (best %.2f @ %d) %.1fs",
+                epoch, rcfg["epochs"], losses, rcfg["select_metric"], score,
+                state["best"]["score"], state["best"]["epoch"], record["seconds"],
+            )
+        accelerator.wait_for_everyone()
+        state = ckpt.load_state() or state
+
+    if accelerator.is_main_process:
+        best = RetrieverEncoder.from_pretrained(ckpt.best, cfg["device"])
+        test_rows = table[table.split == "test"]
+        result = {
+            "best_epoch": state["best"]["epoch"],
+            "select_metric": rcfg["select_metric"],
+            "val": evaluate_split(best, val_rows, image_root, rcfg["eval_batch_size"]),
+            "test": evaluate_split(best, test_rows, image_root, rcfg["eval_batch_size"]),
+            "history": state["history"],
+        }
+        log.info("kept epoch %d; test %s", result["best_epoch"], result["test"])
+        with atomic_dir(out) as tmp:
+            shutil.copytree(ckpt.best, tmp, dirs_exist_ok=True)
+        write_json(result, metrics)
+
+
+def _settings(rcfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: rcfg[k] for k in ("image_height", "image_width", "text_length", "temperature")}

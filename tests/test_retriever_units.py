@@ -1,0 +1,145 @@
+"""Retriever building blocks: losses, masking, query tokenisation, transforms, init."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from llava_reid.data.transforms import RetrieverTransform, to_tensor
+from llava_reid.retriever.init import SPECIAL_TOKENS, stretch_text_context
+from llava_reid.retriever.losses import id_loss, mask_tokens, sdm_loss
+from llava_reid.retriever.model import QueryTokenizer, eos_positions
+from llava_reid.tokenization import train_bpe_tokenizer
+
+CORPUS = [
+    "a man in a red shirt and blue jeans",
+    "she wore a green dress and black shoes",
+    "he carried a brown backpack",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(CORPUS, 300, SPECIAL_TOKENS, lowercase=True)
+
+
+def test_sdm_matches_hand_computation():
+    # Two texts, two images, different identities, orthogonal unit features.
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pids = torch.tensor([3, 7])
+    t = 0.5
+    # logits per row: [2, 0] -> p = [e^2, 1] / (e^2 + 1); target [1, 0] (eps only elsewhere).
+    p0 = math.exp(2) / (math.exp(2) + 1)
+    p1 = 1 - p0
+    eps = 1e-8
+    row = p0 * (math.log(p0) - math.log(1 + eps)) + p1 * (math.log(p1) - math.log(eps))
+    expected = 2 * row  # both directions, identical by symmetry
+    got = sdm_loss(img, txt, pids, pids, t)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sdm_spreads_target_over_same_identity():
+    # Image 0 and 1 share identity 5: a text of identity 5 matching both equally is optimal.
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    pids = torch.tensor([5, 5, 9])
+    good = sdm_loss(img, txt, pids, pids, 0.02)
+    swapped = sdm_loss(img, txt[[2, 1, 0]], pids, pids, 0.02)
+    assert good.item() < 1e-3 < swapped.item()
+
+
+def test_id_loss_is_mean_of_both_towers():
+    clf = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        clf.weight.copy_(torch.eye(3, 2))
+    img = torch.tensor([[5.0, 0.0]])
+    txt = torch.tensor([[0.0, 5.0]])
+    ce = torch.nn.functional.cross_entropy
+    expected = 0.5 * (ce(clf(img), torch.tensor([0])) + ce(clf(txt), torch.tensor([0])))
+    assert id_loss(clf, img, txt, torch.tensor([0])).item() == pytest.approx(expected.item())
+
+
+def test_mask_tokens_never_touches_specials_or_padding(tokenizer):
+    tok = QueryTokenizer(tokenizer, 24)
+    ids, mask = tok(["a man in a red shirt", "he carried a brown backpack and black shoes"])
+    specials = sorted(set(tokenizer.all_special_ids))
+    g = torch.Generator().manual_seed(0)
+    masked, labels = mask_tokens(ids, mask, tokenizer.mask_token_id, len(tokenizer),
+                                 specials, 0.5, g)
+    chosen = labels != -100
+    assert chosen.any(dim=1).all()  # at least one prediction per row
+    assert not chosen[mask == 0].any()
+    for sid in specials:
+        assert not chosen[ids == sid].any()
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    # Same generator seed -> same masks.
+    again = mask_tokens(ids, mask, tokenizer.mask_token_id, len(tokenizer), specials, 0.5,
+                        torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], masked) and torch.equal(again[1], labels)
+
+
+def test_query_tokenizer_keeps_newest_tokens_and_warns_once(tokenizer, caplog):
+    tok = QueryTokenizer(tokenizer, 8)
+    short_ids, short_mask = tok(["a man"])
+    assert short_ids[0, 0] == tokenizer.bos_token_id
+    assert short_ids[0, eos_positions(short_mask)[0]] == tokenizer.eos_token_id
+    long_text = "a man in a red shirt and blue jeans he carried a brown backpack"
+    with caplog.at_level(logging.WARNING):
+        ids, mask = tok([long_text, long_text])
+    assert mask.sum(1).tolist() == [8, 8]
+    body = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    assert ids[0, 1:7].tolist() == body[-6:]  # the newest six tokens survive
+    assert ids[0, 7] == tokenizer.eos_token_id
+    assert sum("exceeds the retriever context" in r.message for r in caplog.records) == 1
+
+
+def test_eval_transform_is_resize_and_normalise():
+    img = Image.new("RGB", (64, 192), (255, 0, 0))
+    x = RetrieverTransform(96, 32, train=False)(img)
+    assert x.shape == (3, 96, 32)
+    assert torch.allclose(x, to_tensor(img.resize((32, 96))))
+
+
+def test_train_transform_is_seeded_and_keeps_shape():
+    img = Image.effect_noise((64, 192), 40).convert("RGB")
+    t = RetrieverTransform(96, 32, train=True)
+    a = t(img, torch.Generator().manual_seed(1))
+    b = t(img, torch.Generator().manual_seed(1))
+    c = t(img, torch.Generator().manual_seed(2))
+    assert a.shape == (3, 96, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError):
+        t(img)
+
+
+def test_stretch_text_context_interpolates_positions():
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(
+        text_config={"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "max_position_embeddings": 7, "projection_dim": 8},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 16, "patch_size": 8,
+                       "projection_dim": 8},
+        projection_dim=8,
+    )
+    model = CLIPModel(cfg)
+    old = model.text_model.embeddings.position_embedding.weight.detach().clone()
+    stretch_text_context(model, 13)
+    new = model.text_model.embeddings.position_embedding.weight
+    assert new.shape == (13, 16)
+    assert torch.allclose(new[0], old[0]) and torch.allclose(new[-1], old[-1])
+    # align_corners: new position 6 of 0..12 sits exactly on old position 3 of 0..6, and new
+    # position 1 sits at old 0.5, halfway between old 0 and old 1.
+    assert torch.allclose(new[6], old[3], atol=1e-6)
+    assert torch.allclose(new[1], (old[0] + old[1]) / 2, atol=1e-6)
+    ids = torch.ones(1, 13, dtype=torch.long)
+    out = model.text_model(input_ids=ids)
+    assert out.last_hidden_state.shape == (1, 13, 16)
