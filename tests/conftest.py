@@ -1,0 +1,57 @@
+"""Shared fixtures: a small config and a small synthetic dataset built through the real CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Keep every test offline, whatever the machine's environment says.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def base_config() -> dict:
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def small_config() -> dict:
+    """The embedded default shrunk so a whole stage takes seconds."""
+    cfg = copy.deepcopy(base_config())
+    syn = cfg["data"]["synthetic"]
+    syn["identities"] = {"train": 24, "val": 8, "test": 10}
+    syn["images_per_identity"] = 2
+    r = cfg["retriever"]
+    r["tiny"].update(embed_dim=32, hidden_size=32, vision_layers=1, text_layers=1, heads=2,
+                     vocab_size=400)
+    r.update(epochs=3, batch_size=16, warmup_epochs=1, text_length=48)
+    return cfg
+
+
+def llava_reid(*args: str, cfg: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one stage through the real CLI, as the rules do."""
+    cmd = [sys.executable, "-m", "llava_reid.cli", args[0], "--config", json.dumps(cfg), *args[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args[:1])} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> dict:
+    """Synthetic images + validated annotations.parquet for the small config."""
+    root = tmp_path_factory.mktemp("small_data")
+    cfg = small_config()
+    llava_reid("synthesize", "--out-dir", str(root), cfg=cfg)
+    parquet = root / "annotations.parquet"
+    llava_reid("load-annotations", "--annotations", str(root / "annotations.json"),
+               "--image-root", str(root), "--out", str(parquet), cfg=cfg)
+    return {"root": root, "annotations": parquet, "cfg": cfg}
