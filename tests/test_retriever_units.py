@@ -92,7 +92,7 @@ def test_query_tokenizer_keeps_newest_tokens_and_warns_once(tokenizer, caplog):
     long_text = "a man in a red shirt and blue jeans he carried a brown backpack"
     with caplog.at_level(logging.WARNING):
         ids, mask = tok([long_text, long_text])
-    assert mask.sum(1).tolist() == [8, 8]
+    assert mask.sum(1).tolist() == [8, 8] and ids.shape == (2, 8)
     body = tokenizer(long_text, add_special_tokens=False)["input_ids"]
     assert ids[0, 1:7].tolist() == body[-6:]  # the newest six tokens survive
     assert ids[0, 7] == tokenizer.eos_token_id

@@ -210,9 +210,11 @@ def sample_identities(n: int, rng: np.random.Generator, taken: set[tuple]) -> li
 
 
 def make_record(person: Person, pid: int, split: str, file_path: str, n_questions: int,
-                rng: np.random.Generator) -> dict[str, Any]:
-    """One image's annotation record in the Interactive-PEDES shape."""
-    facts = A.INITIAL_FACTS[int(rng.integers(len(A.INITIAL_FACTS)))]
+                rng: np.random.Generator, facts: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """One image's annotation record in the Interactive-PEDES shape; the initial description
+    gives ``facts`` (drawn at random when None) and the questions ask about the rest."""
+    if facts is None:
+        facts = A.INITIAL_FACTS[int(rng.integers(len(A.INITIAL_FACTS)))]
     known = A.slots_of(facts)
     slots = [s for s in A.SLOTS if s not in known]
     slots = [slots[i] for i in rng.permutation(len(slots))][:n_questions]

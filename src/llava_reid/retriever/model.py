@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class QueryTokenizer:
-    """CLIP-style text encoding: BOS + tokens + EOS, padded to ``max_length``.
+    """CLIP-style text encoding: BOS + tokens + EOS, padded to the batch's longest row.
 
     A text longer than the context keeps its NEWEST tokens (dialogue queries grow at the end)
     and a warning is logged once; the original silently cut the latest answers.
@@ -40,8 +40,9 @@ class QueryTokenizer:
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         body = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         room = self.max_length - 2
-        ids = torch.full((len(body), self.max_length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(body), self.max_length), dtype=torch.long)
+        width = min(self.max_length, 2 + max((len(t) for t in body), default=0))
+        ids = torch.full((len(body), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(body), width), dtype=torch.long)
         for i, toks in enumerate(body):
             if len(toks) > room:
                 if not self._warned:
