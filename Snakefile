@@ -13,6 +13,8 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/retriever.smk"
+include: "rules/questioner.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

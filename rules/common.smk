@@ -29,9 +29,34 @@ def image_root():
     return config["data"]["image_root"]
 
 
+def questioner_model():
+    """The base questioner: a local LLaVA-OneVision checkpoint, or the tiny factory's."""
+    return config["questioner"]["pretrained"] or out("models/questioner_tiny")
+
+
+def method_adapter(method):
+    """The questioner adapter a method evaluates: SFT alone, or after joint training."""
+    return out("joint/adapter") if method == "selector" else out("questioner/adapter")
+
+
+def final_adapter():
+    """The adapter whose trained projector evaluation-time visual tokens come from."""
+    methods = config["evaluate"]["methods"]
+    return method_adapter("selector" if "selector" in methods else "questioner")
+
+
+def projector_adapter(wildcards):
+    """When the projector trains, evaluation-time visual tokens come from the trained one."""
+    if config["questioner"]["train_projector"] and wildcards.split != "train":
+        return final_adapter()
+    return []
+
+
 def all_targets():
     return [
         out("retriever/metrics.json"),
         *expand(out("features/{split}_gallery.parquet"), split=SPLITS),
         *expand(out("features/{split}_queries.parquet"), split=SPLITS),
+        out("questioner/metrics.json"),
+        *expand(out("eval/{method}/metrics.json"), method=config["evaluate"]["methods"]),
     ]

@@ -41,7 +41,7 @@ rule train_retriever:
     conda:
         "../envs/train.yaml"
     shell:
-        "llava-reid train-retriever --config {params.cfg:q} --annotations {input.annotations}"
+        "llava-reid --nproc {resources.gpu} train-retriever --config {params.cfg:q} --annotations {input.annotations}"
         " --image-root {params.image_root} --init {input.init} --out {output.model}"
         " --metrics {output.metrics} --checkpoints {params.checkpoints} > {log} 2>&1"
 

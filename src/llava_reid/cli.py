@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -69,12 +71,120 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--queries-out", {"required": True}),
         ],
     ),
+    "prepare-data": (
+        "llava_reid.interact.prepare_data",
+        "run",
+        "Look-ahead oracle plan and questioner SFT conversations (Parquet).",
+        [
+            ("--annotations", {"required": True}),
+            ("--gallery", {"required": True, "help": "features/train_gallery.parquet"}),
+            ("--retriever", {"required": True, "help": "trained retriever folder"}),
+            ("--oracle-plan", {"required": True, "help": "prepare/oracle_plan.parquet"}),
+            ("--conversations", {"required": True, "help": "prepare/conversations.parquet"}),
+        ],
+    ),
+    "build-tiny-questioner": (
+        "llava_reid.questioner.factory",
+        "run",
+        "Build the tiny LLaVA-OneVision + BPE tokenizer of the embedded default.",
+        [
+            ("--annotations", {"required": True}),
+            ("--out", {"required": True, "help": "model folder (save_pretrained)"}),
+        ],
+    ),
+    "cache-visual-tokens": (
+        "llava_reid.questioner.visual_cache",
+        "run",
+        "Encode one split's images to the questioner's visual tokens, once.",
+        [
+            ("--annotations", {"required": True}),
+            ("--image-root", {"required": True}),
+            ("--model", {"required": True, "help": "LLaVA-OneVision folder"}),
+            ("--adapter", {"default": None, "help": "adapter whose trained projector to use"}),
+            ("--split", {"required": True}),
+            ("--out", {"required": True, "help": "visual tokens (.safetensors)"}),
+        ],
+    ),
+    "train-questioner": (
+        "llava_reid.questioner.train",
+        "run",
+        "LoRA SFT of the questioner on the look-ahead conversations.",
+        [
+            ("--model", {"required": True, "help": "base LLaVA-OneVision folder"}),
+            ("--conversations", {"required": True}),
+            ("--visual-tokens", {"required": True, "help": "train split visual-token cache"}),
+            ("--annotations", {"required": True}),
+            ("--image-root", {"required": True}),
+            ("--out", {"required": True, "help": "adapter folder"}),
+            ("--metrics", {"required": True}),
+            ("--checkpoints", {"required": True}),
+        ],
+    ),
+    "evaluate": (
+        "llava_reid.interact.evaluate",
+        "run",
+        "Interactive dialogues of one chunk of the test queries, for one method.",
+        [
+            ("--method", {"required": True, "help": "initial|random|oracle|questioner|selector"}),
+            ("--chunk", {"required": True, "type": int, "help": "chunk index i (0-based)"}),
+            ("--chunks", {"required": True, "type": int, "help": "number of chunks n"}),
+            ("--annotations", {"required": True}),
+            ("--gallery", {"required": True, "help": "features/test_gallery.parquet"}),
+            ("--queries", {"required": True, "help": "features/test_queries.parquet"}),
+            ("--retriever", {"required": True}),
+            ("--questioner", {"default": None, "help": "base LLaVA-OneVision folder"}),
+            ("--adapter", {"default": None, "help": "questioner LoRA adapter"}),
+            ("--visual-tokens", {"default": None, "help": "test split visual-token cache"}),
+            ("--selector", {"default": None, "help": "selector .safetensors"}),
+            ("--answers-cache", {"required": True, "help": "Parquet answer cache"}),
+            ("--out", {"required": True, "help": "eval/{method}/chunks/{i}-of-{n}.parquet"}),
+        ],
+    ),
+    "merge-eval": (
+        "llava_reid.interact.merge",
+        "run",
+        "Join a method's evaluation chunks by query id; per-round metrics and BRI.",
+        [
+            ("--method", {"required": True}),
+            ("--chunks", {"required": True, "nargs": "+", "help": "chunk Parquet files"}),
+            ("--gallery", {"required": True}),
+            ("--queries", {"required": True}),
+            ("--out", {"required": True, "help": "eval/{method}/dialogues.parquet"}),
+            ("--metrics", {"required": True, "help": "eval/{method}/metrics.json"}),
+        ],
+    ),
+    "plots": (
+        "llava_reid.report.plots",
+        "run",
+        "Recall-vs-round and BRI plots and the per-round metric table of every method.",
+        [
+            ("--metrics", {"required": True, "nargs": "+", "help": "eval/{method}/metrics.json"}),
+            ("--out-dir", {"required": True, "help": "folder for the figures and tables"}),
+        ],
+    ),
+    "ranked-lists": (
+        "llava_reid.report.ranked_lists",
+        "run",
+        "Pictures of a few dialogues: query, question, answer and the top-k per round.",
+        [
+            ("--dialogues", {"required": True, "help": "eval/{method}/dialogues.parquet"}),
+            ("--gallery", {"required": True, "help": "features/test_gallery.parquet"}),
+            ("--image-root", {"required": True}),
+            ("--out", {"required": True, "help": "PNG file"}),
+        ],
+    ),
 }
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-reid", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes (one per GPU); > 1 relaunches the stage under torchrun --standalone",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, (_, _, help_text, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -88,13 +198,36 @@ def _resolve(module: str, function: str) -> Callable[..., object]:
     return getattr(importlib.import_module(module), function)
 
 
+def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
+    """Run this same command as ``nproc`` torchrun workers on this node (one per GPU)."""
+    rest, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        rest.append(argv[i])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "llava_reid.cli", *rest]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _build_parser().parse_args(argv)
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _relaunch_distributed(args.nproc, argv)
     setup_logging(args.log_level)
     module, function, _, _ = COMMANDS[args.command]
     cfg = load_config(args.config)
     kwargs = {
-        k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "config", "log_level", "nproc")
     }
     _resolve(module, function)(cfg, **kwargs)
     return 0

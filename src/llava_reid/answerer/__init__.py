@@ -1,0 +1,81 @@
+"""The answerer: the witness who holds the full memory of the target and answers questions.
+
+``build_answerer(config["answerer"], cache_path, seed)`` returns one of
+
+- ``annotated`` (default, no LLM): the annotated answer of the most similar annotated question;
+- ``openai``: any OpenAI-compatible chat-completions server (SGLang, vLLM, transformers serve);
+- ``sglang``: the same client, with the SGLang server started (and stopped) by this process;
+
+wrapped in a persistent ``CachedAnswerer`` when ``cache_path`` is given. All share the
+``Answerer`` protocol: ``answer(requests) -> answers`` in request order, and ``close()``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llava_reid.answerer.base import (
+    IDK,
+    AnswerBatchError,
+    Answerer,
+    AnswererError,
+    AnswerRequest,
+)
+
+__all__ = [
+    "IDK",
+    "AnswerBatchError",
+    "AnswerRequest",
+    "Answerer",
+    "AnswererError",
+    "build_answerer",
+]
+
+KINDS = ("annotated", "openai", "sglang")
+
+
+def build_answerer(acfg: dict[str, Any], cache_path: str | None = None, seed: int = 0) -> Answerer:
+    """The answerer described by the config section ``answerer`` (see the workflow schema).
+
+    Heavy imports (torch, transformers) happen only for the kind that needs them.
+    """
+    kind = acfg.get("kind", "annotated")
+    min_chars = int(acfg.get("idk_min_question_chars", 15))
+    ocfg = dict(acfg.get("openai") or {})
+    inner: Answerer
+    if kind == "annotated":
+        from llava_reid.answerer.annotated import DEFAULT_THRESHOLD, AnnotatedAnswerer
+
+        ann = acfg.get("annotated") or {}
+        threshold = ann.get("threshold")
+        inner = AnnotatedAnswerer(ann.get("encoder"),
+                                  threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                                  idk_min_question_chars=min_chars)
+    elif kind == "openai":
+        from llava_reid.answerer.openai_compat import DEFAULT_API_KEY_ENV, OpenAIAnswerer
+
+        inner = OpenAIAnswerer(
+            ocfg.get("base_url"), ocfg.get("model"),
+            api_key_env=ocfg.get("api_key_env") or DEFAULT_API_KEY_ENV,
+            max_concurrency=ocfg.get("max_concurrency", 32), timeout_s=ocfg.get("timeout_s", 60),
+            max_retries=ocfg.get("max_retries", 4), temperature=ocfg.get("temperature", 0.0),
+            top_p=ocfg.get("top_p", 1.0), max_tokens=ocfg.get("max_tokens", 48),
+            idk_min_question_chars=min_chars, seed=seed)
+    elif kind == "sglang":
+        from llava_reid.answerer.sglang import SGLangAnswerer
+
+        log_path = Path(cache_path).with_suffix(".sglang-server.log") if cache_path else None
+        inner = SGLangAnswerer(acfg.get("sglang") or {}, ocfg, idk_min_question_chars=min_chars,
+                               seed=seed, log_path=log_path)
+    else:
+        raise ValueError(f"unknown answerer.kind {kind!r}; expected one of {KINDS}")
+    if cache_path is None:
+        return inner
+    from llava_reid.answerer.cache import CachedAnswerer
+
+    try:
+        return CachedAnswerer(inner, cache_path)
+    except Exception:
+        inner.close()  # do not leave a self-started server behind
+        raise

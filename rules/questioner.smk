@@ -1,0 +1,104 @@
+# Questioner: look-ahead training data, the model (tiny factory or a local checkpoint), cached
+# visual tokens and LoRA SFT.
+
+
+rule prepare_data:
+    input:
+        annotations=out("data/annotations.parquet"),
+        gallery=out("features/train_gallery.parquet"),
+        retriever=out("retriever/model"),
+    output:
+        plan=out("prepare/oracle_plan.parquet"),
+        conversations=out("prepare/conversations.parquet"),
+    params:
+        cfg=stage_config("prepare", "dialogue"),
+    resources:
+        gpu=1,
+    log:
+        out("logs/prepare_data.log"),
+    benchmark:
+        out("benchmarks/prepare_data.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid --nproc {resources.gpu} prepare-data --config {params.cfg:q}"
+        " --annotations {input.annotations} --gallery {input.gallery}"
+        " --retriever {input.retriever} --oracle-plan {output.plan}"
+        " --conversations {output.conversations} > {log} 2>&1"
+
+
+rule build_tiny_questioner:
+    input:
+        out("data/annotations.parquet"),
+    output:
+        directory(out("models/questioner_tiny")),
+    params:
+        cfg=stage_config("questioner"),
+    log:
+        out("logs/build_tiny_questioner.log"),
+    benchmark:
+        out("benchmarks/build_tiny_questioner.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid build-tiny-questioner --config {params.cfg:q} --annotations {input}"
+        " --out {output} > {log} 2>&1"
+
+
+rule cache_visual_tokens:
+    input:
+        annotations=out("data/annotations.parquet"),
+        model=questioner_model(),
+        adapter=projector_adapter,
+    output:
+        out("questioner/visual_tokens/{split}.safetensors"),
+    wildcard_constraints:
+        split="train|val|test",
+    params:
+        cfg=stage_config("questioner"),
+        image_root=image_root(),
+        adapter=lambda wildcards, input: f"--adapter {input.adapter}" if input.adapter else "",
+    resources:
+        gpu=1,
+    log:
+        out("logs/cache_visual_tokens_{split}.log"),
+    benchmark:
+        out("benchmarks/cache_visual_tokens_{split}.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid cache-visual-tokens --config {params.cfg:q}"
+        " --annotations {input.annotations} --image-root {params.image_root}"
+        " --model {input.model} {params.adapter} --split {wildcards.split} --out {output}"
+        " > {log} 2>&1"
+
+
+rule train_questioner:
+    input:
+        model=questioner_model(),
+        conversations=out("prepare/conversations.parquet"),
+        visual_tokens=out("questioner/visual_tokens/train.safetensors"),
+        annotations=out("data/annotations.parquet"),
+    output:
+        adapter=directory(out("questioner/adapter")),
+        metrics=out("questioner/metrics.json"),
+    params:
+        cfg=stage_config("questioner", "dialogue"),
+        image_root=image_root(),
+        # Not an output: Snakemake would delete it on failure, and resuming needs it.
+        checkpoints=out("questioner/checkpoints"),
+    resources:
+        gpu=1,
+    threads: 2
+    log:
+        out("logs/train_questioner.log"),
+    benchmark:
+        out("benchmarks/train_questioner.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid --nproc {resources.gpu} train-questioner --config {params.cfg:q} --model {input.model}"
+        " --conversations {input.conversations} --visual-tokens {input.visual_tokens}"
+        " --annotations {input.annotations} --image-root {params.image_root}"
+        " --out {output.adapter} --metrics {output.metrics}"
+        " --checkpoints {params.checkpoints} > {log} 2>&1"

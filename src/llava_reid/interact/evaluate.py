@@ -1,0 +1,181 @@
+"""evaluate: run the interactive dialogues of one chunk of the test queries for one method.
+
+The test queries (one per test image: its initial description; the witness remembers its
+fine-grained description) are split into ``n`` balanced chunks by query id (empty chunks are
+fine); chunk ``i`` runs here, writing ``eval/{method}/chunks/{i}-of-{n}.parquet``.
+
+After every completed round the rows so far are saved (atomically) next to the output as a
+partial file; a rerun after an interruption resumes after the last completed round. The partial
+file is tagged with the config hash, so a changed config starts over. Answers are cached in
+Parquet (keyed by target and question), so a rerun does not ask the answerer again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from llava_reid.artifacts import ArtifactError, read_metadata, read_table, write_table
+from llava_reid.data.annotations import read_annotations
+from llava_reid.interact.askers import (
+    Dialogue,
+    InitialOnly,
+    LookAheadOracle,
+    QuestionerAsker,
+    RandomAnnotated,
+)
+from llava_reid.interact.engine import DialogueEngine, advance
+from llava_reid.interact.gallery import Gallery
+from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.runtime import config_hash, seed_everything
+
+log = logging.getLogger(__name__)
+
+METHODS = ("initial", "random", "oracle", "questioner", "selector")
+
+
+def chunk_ids(query_ids: list[int], index: int, count: int) -> list[int]:
+    """Chunk ``index`` of ``count`` balanced, contiguous chunks of the sorted ids."""
+    if not 0 <= index < count:
+        raise ValueError(f"chunk {index} of {count} does not exist")
+    ordered = sorted(query_ids)
+    bounds = np.linspace(0, len(ordered), count + 1).round().astype(int)
+    return ordered[bounds[index] : bounds[index + 1]]
+
+
+def load_dialogues(annotations: str, queries: str, ids: list[int]) -> list[Dialogue]:
+    q = read_table(queries, "query_features").to_pandas().set_index("query_id")
+    rows = read_annotations(annotations).set_index("image_idx")
+    out = []
+    for qid in ids:
+        rec = rows.loc[qid]
+        out.append(Dialogue(
+            query_id=int(qid), pid=int(q.loc[qid, "pid"]),
+            initial=str(q.loc[qid, "initial_description"]),
+            memory=str(rec.fine_grained_description),
+            annotated_questions=tuple(rec.questions), annotated_answers=tuple(rec.answers),
+        ))
+    return out
+
+
+def restore(dialogues: list[Dialogue], rows: pd.DataFrame) -> int:
+    """Replay saved rounds onto fresh dialogues; returns the next round to run."""
+    if rows.empty:
+        return 0
+    by_id = {d.query_id: d for d in dialogues}
+    for row in rows.sort_values(["query_id", "round"]).itertuples():
+        d = by_id[int(row.query_id)]
+        index = (d.annotated_questions.index(row.question)
+                 if row.question in d.annotated_questions else -1)
+        advance(d, row.question, row.answer, index)
+    return int(rows["round"].max()) + 1
+
+
+def build_asker(method: str, cfg: dict[str, Any], encoder, gallery: Gallery,
+                models: dict[str, str | None]):
+    seed, dcfg = cfg["seed"], cfg["dialogue"]
+    if method == "initial":
+        return InitialOnly()
+    if method == "random":
+        return RandomAnnotated(seed)
+    if method == "oracle":
+        return LookAheadOracle(encoder, gallery, cfg["features"]["batch_size"])
+    if method not in ("questioner", "selector"):
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    from llava_reid.questioner.generate import GenerationConfig
+    from llava_reid.questioner.model import Questioner
+    from llava_reid.questioner.visual_cache import VisualTokenCache
+
+    qcfg = cfg["questioner"]
+    questioner = Questioner.from_pretrained(models["questioner"], qcfg, cfg["device"])
+    questioner.load_adapter(models["adapter"], merge=True)
+    questioner.net.eval()
+    cache = VisualTokenCache(models["visual_tokens"], questioner.device,
+                             next(questioner.net.parameters()).dtype)
+    cache.check_model(questioner)
+    selector = None
+    if method == "selector":
+        from llava_reid.selector import Selector
+
+        selector = Selector.load(models["selector"], encoder.device)
+    g = qcfg["generation"]
+    generation = GenerationConfig(g["max_new_tokens"], g["do_sample"], g["top_p"],
+                                  g["temperature"])
+    return QuestionerAsker(questioner, cache, gallery, generation, seed, dcfg["pool_size"],
+                           dcfg["num_candidates"], g["batch_size"], selector=selector)
+
+
+def rows_table(rows: list[dict[str, Any]], dim: int) -> pa.Table:
+    frame = {name: [r[name] for r in rows] for name in (
+        "query_id", "pid", "round", "query", "target_rank", "top_k", "candidates",
+        "seen_images", "question", "answer")}
+    feats = np.stack([r["query_feat"] for r in rows]).astype(np.float32) if rows else \
+        np.zeros((0, dim), np.float32)
+    frame["query_feat"] = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), dim)
+    frame["top_k"] = [list(map(int, x)) for x in frame["top_k"]]
+    return pa.table(frame)
+
+
+def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: str,
+        gallery: str, queries: str, retriever: str, out: str, answers_cache: str,
+        questioner: str | None = None, adapter: str | None = None,
+        visual_tokens: str | None = None, selector: str | None = None) -> None:
+    started = time.time()
+    seed_everything(cfg["seed"])
+    dcfg = cfg["dialogue"]
+    tag = config_hash({k: cfg[k] for k in ("seed", "dialogue", "questioner", "answerer",
+                                           "evaluate") if k in cfg} | {"method": method})
+    encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
+    index = Gallery.from_parquet(gallery, encoder.device)
+    all_ids = read_table(queries, "query_features", columns=["query_id"]).column(
+        "query_id").to_pylist()
+    ids = chunk_ids(all_ids, chunk, chunks)
+    dialogues = load_dialogues(annotations, queries, ids)
+    meta = {"method": method, "chunk": f"{chunk}-of-{chunks}", "queries": len(ids)}
+
+    partial = Path(out).with_name(f".{Path(out).stem}.partial.parquet")
+    done = pd.DataFrame()
+    if partial.exists():
+        try:
+            if read_metadata(partial).get("config_hash") == tag:
+                done = read_table(partial, "dialogues").to_pandas()
+        except ArtifactError as exc:
+            log.warning("ignoring unreadable partial results: %s", exc)
+    start = restore(dialogues, done)
+    if start:
+        log.info("resuming %s chunk %d/%d after round %d", method, chunk, chunks, start - 1)
+
+    from llava_reid.answerer import build_answerer
+
+    answerer = build_answerer(cfg["answerer"], answers_cache, seed=cfg["seed"])
+    asker = build_asker(method, cfg, encoder, index, {
+        "questioner": questioner, "adapter": adapter, "visual_tokens": visual_tokens,
+        "selector": selector})
+    engine = DialogueEngine(encoder, index, asker, answerer, dcfg["rounds"], dcfg["pool_size"],
+                            cfg["features"]["batch_size"])
+    rows = done.to_dict("records")
+
+    def checkpoint(round_: int, new_rows: list[dict[str, Any]]) -> None:
+        rows.extend(new_rows)
+        if hasattr(answerer, "flush"):
+            answerer.flush()
+        if round_ < dcfg["rounds"]:
+            write_table(rows_table(rows, encoder.dim), partial, "dialogues", config_hash=tag,
+                        producer="evaluate", extra_metadata=meta)
+
+    try:
+        engine.run(dialogues, start, checkpoint)
+    finally:
+        answerer.close()
+    meta["seconds"] = round(time.time() - started, 1)
+    write_table(rows_table(rows, encoder.dim), out, "dialogues", config_hash=tag,
+                producer="evaluate", extra_metadata={**meta, "label": asker.label})
+    partial.unlink(missing_ok=True)
+    log.info("%s chunk %d/%d: %d dialogues in %.1fs", method, chunk, chunks, len(ids),
+             time.time() - started)

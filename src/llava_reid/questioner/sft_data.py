@@ -1,0 +1,74 @@
+"""SFT examples from ``prepare/conversations.parquet``: prompt, candidate images, target.
+
+Each row of the conversations artifact is one step of a look-ahead dialogue: the dialogue so
+far, the question whose answer the oracle chose, a template id and the top-N retrieval pool of
+the query so far. The questioner is shown the top ``num_candidates`` of that pool (the
+candidate person, then the similar persons, in rank order) and learns to ask the oracle's
+question. Joint training replaces the plain top-k by the selector's choice from the same pool.
+
+A seeded fraction of IMAGES (not rows, so no dialogue leaks) is held out to measure the
+held-out loss and the generated questions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from llava_reid.artifacts import read_table
+from llava_reid.questioner.prompts import PromptParts, build_prompt
+
+
+@dataclass(frozen=True)
+class Example:
+    example_id: int
+    image_idx: int
+    round: int
+    prompt_args: tuple  # (template_id, initial, history questions, history answers)
+    target: str
+    pool: tuple[int, ...]  # top-N image_idx of the query so far, best first
+
+    def prompt(self, num_images: int) -> PromptParts:
+        template_id, initial, questions, answers = self.prompt_args
+        return build_prompt(template_id, num_images, initial, questions, answers)
+
+    def top_k(self, k: int) -> list[int]:
+        return list(self.pool[:k])
+
+
+def valid_pool_size(pool_size: int, round_: int) -> int:
+    """Pool positions open in round r (0-based): ceil(N / (r + 1)): 200, 100, 67, 50, 40."""
+    return math.ceil(pool_size / (round_ + 1))
+
+
+def load_examples(conversations: str) -> list[Example]:
+    table: pd.DataFrame = read_table(conversations, "conversations").to_pandas()
+    out = []
+    for row in table.itertuples(index=False):
+        out.append(Example(
+            example_id=int(row.example_id),
+            image_idx=int(row.image_idx),
+            round=int(row.round),
+            prompt_args=(int(row.template_id), row.initial_description,
+                         tuple(row.history_questions), tuple(row.history_answers)),
+            target=row.target_question,
+            pool=tuple(int(x) for x in row.pool),
+        ))
+    if not out:
+        raise ValueError(f"{conversations}: no conversations")
+    return out
+
+
+def split_holdout(examples: list[Example], fraction: float, seed: int
+                  ) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) by image: a seeded ``fraction`` of images goes to held-out."""
+    images = sorted({e.image_idx for e in examples})
+    rng = np.random.default_rng([seed, 23])
+    n_hold = int(round(fraction * len(images))) if fraction > 0 else 0
+    held = set(rng.permutation(images)[:n_hold].tolist())
+    train = [e for e in examples if e.image_idx not in held]
+    hold = [e for e in examples if e.image_idx in held]
+    return train, hold

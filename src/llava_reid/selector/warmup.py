@@ -1,0 +1,364 @@
+"""warmup-selector: teach the selector to imitate plain top-k before joint training.
+
+Joint training gives the selector only a weak, indirect signal (the questioner's likelihood of
+the look-ahead question), so it starts from a selector that already reproduces what plain
+top-k would show: for each training dialogue state the targets are pool positions
+1..c-1 (c = ``num_candidates``; position 0, the top-1, is always shown and not scored).
+
+Loss. The original used binary cross-entropy of exp(score) against 1 on the target positions,
+which equals the mean negative log-probability of each target: a softmax cross-entropy with a
+uniform soft label on the targets. It asks for an equal share for each target, which is not what
+is used later. The default here (``plackett_luce``) is the negative log-probability that the
+joint-training sampler, a Gumbel-top-k draw from these very scores (a Plackett-Luce draw without
+replacement), returns exactly the target set, in any order: the maximum-likelihood fit of the
+distribution that joint training starts sampling from. It is computed exactly by summing the
+(c-1)! orderings. ``bce`` keeps the original's loss for comparison.
+
+Evaluation. A seeded fraction of identities is held out (every image of a held-out identity,
+hence every dialogue round of those images, so no near-duplicate description leaks into
+training). The reported agreement is the share of held-out pools where the selector's
+deterministic top-(c-1) is exactly plain top-k's set; the mean overlap is the average share of
+the c-1 images the two have in common.
+
+Image features come from the cached gallery Parquet, query features from the trained
+retriever's text tower, computed once: training then runs on tensors only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from llava_reid.artifacts import read_table, write_json
+from llava_reid.runtime import config_hash, resolve_device, seed_everything
+from llava_reid.selector.model import Selector
+from llava_reid.selector.sampler import selectable_mask, topk_positions
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("plackett_luce", "bce")
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def holdout_mask(groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Rows whose group (identity) falls in a seeded ``fraction`` of the groups. [R] bool."""
+    unique = np.unique(groups)
+    n_out = min(len(unique) - 1, math.ceil(fraction * len(unique))) if fraction > 0 else 0
+    rng = np.random.default_rng([seed, 2718])
+    out = rng.permutation(unique)[: max(n_out, 0)]
+    return np.isin(groups, out)
+
+
+def round_batches(rounds: torch.Tensor, rows: torch.Tensor, batch_size: int,
+                  generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Batches of ``rows`` that share a round, shuffled when a generator is given.
+
+    One round per batch means one valid length per batch, so the selector only runs over that
+    many positions (round 4 has a fifth of round 0's pool).
+    """
+    batches = []
+    for r in torch.unique(rounds[rows]).tolist():
+        members = rows[rounds[rows] == r]
+        if generator is not None:
+            members = members[torch.randperm(len(members), generator=generator)]
+        batches.extend(members.split(batch_size))
+    if generator is not None:
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in order]
+    return batches
+
+
+def _batch(query_feats, pool_rows, valid, gallery_feats, idx, device):
+    """Inputs of one batch on ``device``, cut to the batch's longest valid prefix."""
+    width = max(int(valid[idx].sum(1).max()), 1)
+    pool = pool_rows[idx, 1 : 1 + width]  # [b, W] gallery rows of pool positions 1..W
+    return (
+        query_feats[idx].to(device),  # [b, D]
+        gallery_feats[pool.to(gallery_feats.device)].to(device),  # [b, W, D]
+        valid[idx, :width].to(device),  # [b, W]
+    )
+
+
+def augment(query, pool, valid, n_targets, drop, noise, generator):
+    """A fresh variant of a batch, and its plain top-k targets [b, n] (columns).
+
+    drop: each valid position is hidden with this probability (rows keep >= n_targets), so the
+    targets move deeper into the ranking; noise: Gaussian jitter of the query direction, so
+    the ranking itself changes. Either way the targets are recomputed as what plain top-k
+    would show for the variant, so the selector learns the ranking rule rather than which
+    images follow which description.
+    """
+    b, width, _ = pool.shape
+    if noise > 0:
+        jitter = torch.randn(query.shape, generator=generator).to(query.device)
+        query = torch.nn.functional.normalize(query + noise * jitter, dim=-1)
+    if drop > 0:
+        hide = (torch.rand(b, width, generator=generator) < drop).to(valid.device)
+        kept = valid & ~hide
+        valid = torch.where((kept.sum(1) >= n_targets).unsqueeze(1), kept, valid)
+    if noise > 0:
+        sims = torch.einsum("bd,bwd->bw", query, pool).masked_fill(~valid, -math.inf)
+    else:  # the pool is already in ranking order: the first kept positions
+        sims = (width - torch.arange(width, device=valid.device)).float() * valid
+    # Ties (duplicate images) go to the lower position, as in the retriever's ranking.
+    targets = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :n_targets]
+    return query, valid, targets
+
+
+# -- losses ----------------------------------------------------------------------------------
+
+
+def bce_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The original: BCE(exp(score), 1) on the targets = mean -score (clamped at -100).
+
+    scores: [B, P] log-probabilities; targets: [B, n] target columns.
+    """
+    return -scores.gather(1, targets).clamp_min(-100.0).mean()
+
+
+def plackett_luce_set_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log P(a Gumbel-top-n draw from ``scores`` is exactly the ``targets`` set), batch mean.
+
+    scores: [B, P] log-probabilities over the valid positions (-1e4 elsewhere); targets:
+    [B, n] columns. The draw picks positions one after another with probability proportional
+    to exp(score) among those left; the set's probability sums that over the n! orders. The
+    normaliser after taking a subset A of the targets is logsumexp over the rest, computed
+    once per subset (2^n - 1 of them).
+    """
+    batch, n_targets = targets.shape
+    masked = scores.masked_fill(scores <= -5e3, -math.inf)  # [B, P]
+    picked = scores.gather(1, targets)  # [B, n]
+    norm = {}
+    for subset in range(2**n_targets - 1):
+        taken = [j for j in range(n_targets) if subset >> j & 1]
+        drop = torch.zeros_like(masked, dtype=torch.bool)
+        if taken:
+            drop.scatter_(1, targets[:, taken], True)
+        norm[subset] = torch.logsumexp(masked.masked_fill(drop, -math.inf), dim=1)  # [B]
+    orders = []
+    for perm in itertools.permutations(range(n_targets)):
+        subset, logp = 0, scores.new_zeros(batch)
+        for j in perm:
+            logp = logp + picked[:, j] - norm[subset]
+            subset |= 1 << j
+        orders.append(logp)
+    return -torch.logsumexp(torch.stack(orders, dim=1), dim=1).mean()
+
+
+def warmup_loss(kind: str, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if kind == "plackett_luce":
+        return plackett_luce_set_loss(scores, targets)
+    if kind == "bce":
+        return bce_loss(scores, targets)
+    raise ValueError(f"unknown selector warm-up loss {kind!r}; known: {LOSSES}")
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def agreement_with_topk(model: Selector, query_feats, pool_rows, rounds, valid, gallery_feats,
+                        rows: torch.Tensor, n_targets: int, batch_size: int,
+                        device: torch.device) -> dict[str, Any]:
+    """How often the selector's deterministic top-n equals plain top-k's (columns 0..n-1)."""
+    was_training = model.training
+    model.eval()
+    exact = torch.zeros(len(query_feats), dtype=torch.bool)
+    overlap = torch.zeros(len(query_feats))
+    for idx in round_batches(rounds, rows, batch_size, generator=None):
+        scores = model(*_batch(query_feats, pool_rows, valid, gallery_feats, idx, device))
+        picked = topk_positions(scores, n_targets).cpu()  # [b, n] columns, rank order
+        hits = ((picked >= 0) & (picked < n_targets)).sum(1)  # [b]
+        exact[idx] = hits == n_targets
+        overlap[idx] = hits.float() / n_targets
+    model.train(was_training)
+    if len(rows) == 0:
+        return {"agreement": None, "mean_overlap": None, "agreement_per_round": {}}
+    per_round = {
+        str(r): round(float(exact[rows][rounds[rows] == r].float().mean()), 4)
+        for r in torch.unique(rounds[rows]).tolist()
+    }
+    return {
+        "agreement": round(float(exact[rows].float().mean()), 4),
+        "mean_overlap": round(float(overlap[rows].mean()), 4),
+        "agreement_per_round": per_round,
+    }
+
+
+# -- training --------------------------------------------------------------------------------
+
+
+def _param_groups(model: Selector, warmup_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    prior = [p for n, p in model.named_parameters() if n == "prior_log_scale"]
+    rest = [p for n, p in model.named_parameters() if n != "prior_log_scale"]
+    groups = [{"params": rest}]
+    if prior:
+        groups.append({"params": prior, "lr": warmup_cfg.get("prior_lr", warmup_cfg["lr"])})
+    return groups
+
+
+def train_warmup(
+    query_feats: torch.Tensor,
+    pool_rows: torch.Tensor,
+    rounds: torch.Tensor,
+    gallery_feats: torch.Tensor,
+    heldout: torch.Tensor,
+    *,
+    pool_size: int,
+    num_candidates: int,
+    model_cfg: dict[str, Any],
+    warmup_cfg: dict[str, Any],
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> tuple[Selector, dict[str, Any]]:
+    """Fit a fresh selector to plain top-k; returns it (eval mode) and the metrics.
+
+    query_feats: [R, D] retriever text features of each row's description (L2-normalised);
+    pool_rows: [R, L] gallery rows of each pool, best first (L <= pool_size);
+    rounds: [R] 0-based rounds; gallery_feats: [G, D] L2-normalised image features;
+    heldout: [R] bool, rows kept out of training and used for the agreement metric.
+    model_cfg: layers, heads, ffn, dropout. warmup_cfg: epochs, batch_size, lr, loss.
+    """
+    device = torch.device(device)
+    n_targets = num_candidates - 1
+    if n_targets < 1:
+        raise ValueError("selector warm-up needs num_candidates >= 2")
+    loss_kind = warmup_cfg.get("loss", "plackett_luce")
+    if loss_kind not in LOSSES:
+        raise ValueError(f"unknown selector warm-up loss {loss_kind!r}; known: {LOSSES}")
+    rounds = rounds.long().cpu()
+    pool_rows = pool_rows.long().cpu()
+    valid = selectable_mask(rounds, pool_size, pool_rows.shape[1])  # [R, L-1]
+    usable = valid.sum(1) >= n_targets  # rows where plain top-k has n_targets to show
+    heldout = heldout.bool().cpu()
+    train_rows = torch.nonzero(usable & ~heldout).squeeze(1)
+    test_rows = torch.nonzero(usable & heldout).squeeze(1)
+    if len(train_rows) == 0:
+        raise ValueError("selector warm-up: no training pools (all held out or too short)")
+
+    seed_everything(seed)
+    model = Selector(gallery_feats.shape[1], **{
+        k: model_cfg[k]
+        for k in ("layers", "heads", "ffn", "dropout", "retrieval_prior") if k in model_cfg
+    }).to(device)
+    optimizer = torch.optim.Adam(_param_groups(model, warmup_cfg), lr=warmup_cfg["lr"])
+    order_gen = torch.Generator().manual_seed(seed)
+    gallery_feats = gallery_feats.to(device)
+    query_feats = query_feats.float()
+    eval_bs = warmup_cfg.get("eval_batch_size", 4 * warmup_cfg["batch_size"])
+    drop, noise = warmup_cfg.get("pool_dropout", 0.0), warmup_cfg.get("query_noise", 0.0)
+
+    held = agreement_with_topk(model, query_feats, pool_rows, rounds, valid, gallery_feats,
+                               test_rows, n_targets, eval_bs, device)
+    history = [{"epoch": 0, "loss": None, "heldout_agreement": held["agreement"],
+                "heldout_mean_overlap": held["mean_overlap"], "seconds": 0.0}]
+    for epoch in range(1, warmup_cfg["epochs"] + 1):
+        start, total, count = time.perf_counter(), 0.0, 0
+        model.train()
+        for idx in round_batches(rounds, train_rows, warmup_cfg["batch_size"], order_gen):
+            query, pool, keep = _batch(query_feats, pool_rows, valid, gallery_feats, idx, device)
+            query, keep, targets = augment(query, pool, keep, n_targets, drop, noise, order_gen)
+            loss = warmup_loss(loss_kind, model(query, pool, keep), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        held = agreement_with_topk(model, query_feats, pool_rows, rounds, valid, gallery_feats,
+                                   test_rows, n_targets, eval_bs, device)
+        history.append({
+            "epoch": epoch, "loss": round(total / count, 5),
+            "heldout_agreement": held["agreement"], "heldout_mean_overlap": held["mean_overlap"],
+            "seconds": round(time.perf_counter() - start, 2),
+        })
+        log.info("selector warm-up epoch %d/%d: loss %.4f, held-out agreement %s, overlap %s "
+                 "(%.1fs)", epoch, warmup_cfg["epochs"], history[-1]["loss"], held["agreement"],
+                 held["mean_overlap"], history[-1]["seconds"])
+
+    model.eval()
+    trained = agreement_with_topk(model, query_feats, pool_rows, rounds, valid, gallery_feats,
+                                  train_rows, n_targets, eval_bs, device)
+    metrics = {
+        "loss": loss_kind,
+        "num_candidates": num_candidates,
+        "pool_size": pool_size,
+        "train_pools": len(train_rows),
+        "heldout_pools": len(test_rows),
+        "skipped_pools": int((~usable).sum()),
+        "heldout_agreement": held["agreement"],
+        "heldout_mean_overlap": held["mean_overlap"],
+        "heldout_agreement_per_round": held["agreement_per_round"],
+        "train_agreement": trained["agreement"],
+        "train_mean_overlap": trained["mean_overlap"],
+        "history": history,
+        "selector": model.config,
+    }
+    return model, metrics
+
+
+# -- stage -----------------------------------------------------------------------------------
+
+
+def load_pools(conversations: str, position_of: dict[int, int]):
+    """Non-augmented rows of conversations.parquet as (descriptions, pool rows, rounds, pids)."""
+    table = read_table(conversations, "conversations",
+                       columns=["pid", "round", "description", "idk_augmented", "pool"])
+    frame = table.to_pandas()
+    frame = frame[~frame.idk_augmented.astype(bool)].reset_index(drop=True)
+    if frame.empty:
+        raise ValueError(f"{conversations}: no non-augmented conversations to warm up on")
+    lengths = frame.pool.map(len)
+    if lengths.nunique() != 1:
+        raise ValueError(f"{conversations}: pools of different lengths {sorted(set(lengths))}")
+    pools = np.stack(frame.pool.to_numpy()).astype(np.int64)  # [R, L] image_idx
+    try:
+        rows = np.vectorize(position_of.__getitem__, otypes=[np.int64])(pools)
+    except KeyError as exc:
+        raise ValueError(f"{conversations}: pool image_idx {exc} not in the gallery") from exc
+    return (list(frame.description), torch.from_numpy(rows),
+            torch.as_tensor(frame["round"].to_numpy(), dtype=torch.long),
+            frame.pid.to_numpy())
+
+
+def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, out: str,
+        metrics: str) -> None:
+    from llava_reid.interact.gallery import Gallery
+    from llava_reid.retriever.encoder import RetrieverEncoder
+
+    scfg, dcfg, seed = cfg["selector"], cfg["dialogue"], cfg["seed"]
+    wcfg = scfg["warmup"]
+    device = resolve_device(cfg["device"])
+    index = Gallery.from_parquet(gallery, "cpu")
+    texts, pool_rows, rounds, pids = load_pools(conversations, index.position_of())
+
+    # Query features are fixed: encode each distinct description once, then free the encoder.
+    encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
+    unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    feats = encoder.encode_texts(list(unique), wcfg["text_batch_size"]).float().cpu()
+    del encoder
+    query_feats = feats[torch.from_numpy(inverse.reshape(-1))]  # [R, D]
+    if query_feats.shape[1] != index.feats.shape[1]:
+        raise ValueError(f"retriever text dim {query_feats.shape[1]} != gallery dim "
+                         f"{index.feats.shape[1]}")
+
+    heldout = torch.from_numpy(holdout_mask(pids, wcfg["holdout"], seed))
+    model, result = train_warmup(
+        query_feats, pool_rows, rounds, index.feats, heldout,
+        pool_size=dcfg["pool_size"], num_candidates=dcfg["num_candidates"],
+        model_cfg=scfg, warmup_cfg=wcfg, seed=seed, device=device,
+    )
+    tag = config_hash({"selector": scfg, "dialogue": dcfg, "seed": seed})
+    model.save(out, extra={"stage": "warmup-selector", "config_hash": tag,
+                           "retriever": str(retriever), "conversations": str(conversations)})
+    result.update({"config_hash": tag, "device": str(device), "distinct_descriptions": len(unique)})
+    write_json(result, metrics)
+    log.info("selector warm-up: held-out agreement %s on %d pools -> %s",
+             result["heldout_agreement"], result["heldout_pools"], out)

@@ -1,0 +1,89 @@
+"""Pieces shared by the training stages: seeds, schedules, sharding and resumable checkpoints.
+
+Every random draw of a training stage derives from (config seed, epoch, step, rank), so a run
+resumed from a checkpoint takes the same path as one that was never interrupted, and the same
+config gives the same numbers on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llava_reid.artifacts import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+def derived_seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2**62)
+    return h
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, warmup_factor: float = 0.0):
+    """LambdaLR factor: linear warm-up from ``warmup_factor`` to 1, then cosine to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_factor + (1 - warmup_factor) * step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def epoch_shard(n: int, epoch: int, seed: int, world: int, rank: int, per_process: int
+                ) -> list[list[int]]:
+    """This rank's batches of one epoch: a seeded permutation of ``n`` items cut into global
+    batches of ``per_process * world`` (the incomplete last batch dropped), each split across
+    ranks. Returns a list of index lists, one per step."""
+    steps = n // (per_process * world)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
+    order = order[: steps * per_process * world].view(steps, world, per_process)
+    return [order[s, rank].tolist() for s in range(steps)]
+
+
+class ResumableCheckpoint:
+    """``folder/last``: whatever the stage saves plus optimizer, scheduler and a JSON state,
+    tagged with the config hash so that a changed config starts over instead of resuming."""
+
+    def __init__(self, folder: str | Path, tag: str):
+        self.folder = Path(folder)
+        self.tag = tag
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last"
+
+    def load_state(self) -> dict[str, Any] | None:
+        meta = self.last / "state.json"
+        if not meta.exists():
+            return None
+        state = json.loads(meta.read_text())
+        if state.get("config_hash") != self.tag:
+            log.info("checkpoint in %s is from another config: starting over", self.folder)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return None
+        return state
+
+    def save(self, save_model: Callable[[Path], None], optimizer, scheduler,
+             state: dict[str, Any]) -> None:
+        with atomic_dir(self.last) as tmp:
+            save_model(tmp)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({**state, "config_hash": self.tag}))
+
+    def restore_trainer(self, optimizer, scheduler) -> None:
+        saved = torch.load(self.last / "trainer.pt", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
