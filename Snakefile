@@ -14,6 +14,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/retriever.smk"
 include: "rules/questioner.smk"
+include: "rules/selector.smk"
 include: "rules/evaluate.smk"
 
 

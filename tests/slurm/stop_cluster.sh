@@ -40,9 +40,10 @@ stop() {
 # Cancel jobs first, so that no job step outlives slurmd.
 ctld=$(pid_of "$DIR/run/slurmctld.pid")
 if alive "$ctld" && [[ -f $SLURM_CONF ]]; then
-    if [[ -n $(squeue -h -t PD,R,CG,CF -o %i 2>/dev/null) ]]; then
-        scancel --full --state=PENDING 2>/dev/null
-        scancel --full 2>/dev/null
+    jobs=$(squeue -h -t PD,R,CG,CF -o %i 2>/dev/null)
+    if [[ -n $jobs ]]; then
+        # shellcheck disable=SC2086
+        scancel $jobs 2>/dev/null
         for _ in $(seq 100); do
             [[ -z $(squeue -h -t PD,R,CG,CF -o %i 2>/dev/null) ]] && break
             sleep 0.1

@@ -126,7 +126,7 @@ class Questioner:
 
     # -- images ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: cached tokens are later weighted under autograd
     def encode_images(self, images) -> list[torch.Tensor]:
         """PIL images -> their visual tokens, each [T_i, D] (on the model's device/dtype)."""
         pixels, sizes = self.preprocess.batch(images)

@@ -87,30 +87,24 @@ def _batch(query_feats, pool_rows, valid, gallery_feats, idx, device):
     )
 
 
-def augment(query, pool, valid, n_targets, drop, noise, generator):
-    """A fresh variant of a batch, and its plain top-k targets [b, n] (columns).
+def drop_positions(valid: torch.Tensor, n_targets: int, rate: float,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide each valid position with probability ``rate``; returns (valid, targets [b, n]).
 
-    drop: each valid position is hidden with this probability (rows keep >= n_targets), so the
-    targets move deeper into the ranking; noise: Gaussian jitter of the query direction, so
-    the ranking itself changes. Either way the targets are recomputed as what plain top-k
-    would show for the variant, so the selector learns the ranking rule rather than which
-    images follow which description.
+    The targets are what plain top-k shows for the thinned pool: its first n kept positions
+    (the pool is in ranking order). The selector then has to rank deeper into the pool rather
+    than learn which images follow which description. Rows that would keep fewer than n
+    positions stay whole. rate 0 gives the stored pool and targets 0..n-1.
     """
-    b, width, _ = pool.shape
-    if noise > 0:
-        jitter = torch.randn(query.shape, generator=generator).to(query.device)
-        query = torch.nn.functional.normalize(query + noise * jitter, dim=-1)
-    if drop > 0:
-        hide = (torch.rand(b, width, generator=generator) < drop).to(valid.device)
+    b, width = valid.shape
+    if rate > 0:
+        hide = (torch.rand(b, width, generator=generator) < rate).to(valid.device)
         kept = valid & ~hide
         valid = torch.where((kept.sum(1) >= n_targets).unsqueeze(1), kept, valid)
-    if noise > 0:
-        sims = torch.einsum("bd,bwd->bw", query, pool).masked_fill(~valid, -math.inf)
-    else:  # the pool is already in ranking order: the first kept positions
-        sims = (width - torch.arange(width, device=valid.device)).float() * valid
-    # Ties (duplicate images) go to the lower position, as in the retriever's ranking.
-    targets = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :n_targets]
-    return query, valid, targets
+    # Earlier positions get larger keys; hidden ones 0; stable sort keeps ties in order.
+    keys = (width - torch.arange(width, device=valid.device)) * valid
+    targets = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :n_targets]
+    return valid, targets
 
 
 # -- losses ----------------------------------------------------------------------------------
@@ -253,8 +247,8 @@ def train_warmup(
     order_gen = torch.Generator().manual_seed(seed)
     gallery_feats = gallery_feats.to(device)
     query_feats = query_feats.float()
-    eval_bs = warmup_cfg.get("eval_batch_size", 4 * warmup_cfg["batch_size"])
-    drop, noise = warmup_cfg.get("pool_dropout", 0.0), warmup_cfg.get("query_noise", 0.0)
+    eval_bs = 4 * warmup_cfg["batch_size"]
+    drop_rate = warmup_cfg.get("pool_dropout", 0.0)
 
     held = agreement_with_topk(model, query_feats, pool_rows, rounds, valid, gallery_feats,
                                test_rows, n_targets, eval_bs, device)
@@ -265,7 +259,7 @@ def train_warmup(
         model.train()
         for idx in round_batches(rounds, train_rows, warmup_cfg["batch_size"], order_gen):
             query, pool, keep = _batch(query_feats, pool_rows, valid, gallery_feats, idx, device)
-            query, keep, targets = augment(query, pool, keep, n_targets, drop, noise, order_gen)
+            keep, targets = drop_positions(keep, n_targets, drop_rate, order_gen)
             loss = warmup_loss(loss_kind, model(query, pool, keep), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -301,6 +295,8 @@ def train_warmup(
         "history": history,
         "selector": model.config,
     }
+    if model.config.get("retrieval_prior"):
+        metrics["prior_scale"] = round(float(model.prior_log_scale.exp()), 3)
     return model, metrics
 
 
@@ -328,6 +324,21 @@ def load_pools(conversations: str, position_of: dict[int, int]):
             frame.pid.to_numpy())
 
 
+def pool_order_consistency(query_feats: torch.Tensor, pool_rows: torch.Tensor,
+                           gallery_feats: torch.Tensor, top: int, chunk: int = 1024) -> float:
+    """Share of pools whose stored first ``top`` positions are still the ``top`` most similar
+    under ``query_feats`` (a check that the retriever given is the one that built the pools)."""
+    ok = 0
+    for s in range(0, len(pool_rows), chunk):
+        feats = gallery_feats[pool_rows[s : s + chunk]]  # [c, L, D]
+        sims = torch.einsum("cd,cld->cl", query_feats[s : s + chunk], feats)  # [c, L]
+        if sims.shape[1] <= top:
+            ok += len(sims)
+            continue
+        ok += int((sims[:, :top].min(1).values >= sims[:, top:].max(1).values - 1e-5).sum())
+    return ok / max(len(pool_rows), 1)
+
+
 def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, out: str,
         metrics: str) -> None:
     from llava_reid.interact.gallery import Gallery
@@ -349,6 +360,12 @@ def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, o
         raise ValueError(f"retriever text dim {query_feats.shape[1]} != gallery dim "
                          f"{index.feats.shape[1]}")
 
+    consistency = pool_order_consistency(query_feats, pool_rows, index.feats,
+                                         dcfg["num_candidates"])
+    if consistency < 0.99:
+        log.warning("the retriever's features reproduce the stored top-%d of only %.1f%% of the "
+                    "pools: is %s the retriever that built %s?", dcfg["num_candidates"],
+                    100 * consistency, retriever, conversations)
     heldout = torch.from_numpy(holdout_mask(pids, wcfg["holdout"], seed))
     model, result = train_warmup(
         query_feats, pool_rows, rounds, index.feats, heldout,
@@ -358,7 +375,8 @@ def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, o
     tag = config_hash({"selector": scfg, "dialogue": dcfg, "seed": seed})
     model.save(out, extra={"stage": "warmup-selector", "config_hash": tag,
                            "retriever": str(retriever), "conversations": str(conversations)})
-    result.update({"config_hash": tag, "device": str(device), "distinct_descriptions": len(unique)})
+    result.update({"config_hash": tag, "device": str(device), "distinct_descriptions": len(unique),
+                   "pool_order_consistency": round(consistency, 4)})
     write_json(result, metrics)
     log.info("selector warm-up: held-out agreement %s on %d pools -> %s",
              result["heldout_agreement"], result["heldout_pools"], out)

@@ -1,0 +1,93 @@
+# Report: per-round metric plots and tables of every evaluated method, and ranked-list pictures
+# of a few dialogues per method, all flagged for `snakemake --report`.
+
+
+def eval_methods():
+    """The evaluated methods (eval/{method}/...), in the order the report shows them."""
+    return list(config["evaluate"]["methods"])
+
+
+def report_targets():
+    """Every report artifact: the plots and tables, and one ranked-list picture per method."""
+    return [
+        out("report/recall_vs_round.png"),
+        out("report/bri.png"),
+        out("report/metrics.tsv"),
+        out("report/metrics.html"),
+        *expand(out("report/ranked_lists/{method}.png"), method=eval_methods()),
+    ]
+
+
+rule plots:
+    input:
+        expand(out("eval/{method}/metrics.json"), method=eval_methods()),
+    output:
+        recall=report(
+            out("report/recall_vs_round.png"),
+            caption="../workflow/report/recall_vs_round.rst",
+            category="Evaluation",
+            subcategory="Metrics",
+            labels={"figure": "R@k vs round"},
+        ),
+        bri=report(
+            out("report/bri.png"),
+            caption="../workflow/report/bri.rst",
+            category="Evaluation",
+            subcategory="Metrics",
+            labels={"figure": "BRI"},
+        ),
+        tsv=report(
+            out("report/metrics.tsv"),
+            caption="../workflow/report/metrics_tsv.rst",
+            category="Evaluation",
+            subcategory="Metrics",
+            labels={"figure": "table (TSV)"},
+        ),
+        html=report(
+            out("report/metrics.html"),
+            caption="../workflow/report/metrics_html.rst",
+            category="Evaluation",
+            subcategory="Metrics",
+            labels={"figure": "table"},
+        ),
+    params:
+        cfg=stage_config("report"),
+        out_dir=lambda wildcards, output: os.path.dirname(output.tsv),
+    log:
+        out("logs/report_plots.log"),
+    benchmark:
+        out("benchmarks/report_plots.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid plots --config {params.cfg:q} --metrics {input:q}"
+        " --out-dir {params.out_dir:q} > {log} 2>&1"
+
+
+rule ranked_lists:
+    input:
+        dialogues=out("eval/{method}/dialogues.parquet"),
+        gallery=out("features/test_gallery.parquet"),
+    output:
+        report(
+            out("report/ranked_lists/{method}.png"),
+            caption="../workflow/report/ranked_lists.rst",
+            category="Evaluation",
+            subcategory="Ranked lists",
+            labels={"method": "{method}"},
+        ),
+    wildcard_constraints:
+        method="[A-Za-z0-9_.-]+",
+    params:
+        cfg=stage_config("report"),
+        image_root=image_root(),
+    log:
+        out("logs/report_ranked_lists_{method}.log"),
+    benchmark:
+        out("benchmarks/report_ranked_lists_{method}.tsv")
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "llava-reid ranked-lists --config {params.cfg:q} --dialogues {input.dialogues}"
+        " --gallery {input.gallery} --image-root {params.image_root} --out {output}"
+        " > {log} 2>&1"

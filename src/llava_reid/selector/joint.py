@@ -1,0 +1,253 @@
+"""train-joint: the selector and the questioner's LoRA adapter trained together.
+
+Per SFT example (a look-ahead dialogue step with its top-N retrieval pool):
+
+1. the selector scores pool positions 1..N-1 (the top-1 is always shown) from the query's
+   retriever text feature and the pool's cached image features, positions past
+   k_r = ceil(N / (r + 1)) masked;
+2. a Gumbel top-k draw picks ``num_candidates - 1`` of them as a straight-through k-hot: exact
+   0/1 values forward, the relaxed subset's gradient backward; the temperature is annealed
+   linearly from ``temperature_start`` to ``temperature_end`` over training;
+3. the picked images' visual tokens are multiplied by their k-hot value (1.0 forward) and
+   shown to the questioner with the top-1, in rank order;
+4. the questioner's NLL of the look-ahead-optimal question trains the LoRA adapter and,
+   through the k-hot, the selector (its only training signal; no reward model).
+
+Separate learning rates for the adapter and the selector; accelerate for bf16/DDP; resumable
+checkpoints like the SFT stage. Output: ``joint/adapter/`` and ``joint/selector.safetensors``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from llava_reid.artifacts import atomic_dir, write_json
+from llava_reid.interact.gallery import Gallery
+from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
+from llava_reid.questioner.train import ImageTokens, attach_lora, load_base
+from llava_reid.questioner.visual_cache import VisualTokenCache
+from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.runtime import config_hash, resolve_device, seed_everything
+from llava_reid.selector.model import Selector
+from llava_reid.selector.sampler import gumbel_topk, selectable_mask, temperature_at
+from llava_reid.training import ResumableCheckpoint, derived_seed, epoch_shard, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+class JointLoss(nn.Module):
+    """Selector -> straight-through k-hot -> weighted visual tokens -> questioner NLL.
+
+    One module so DDP sees a single forward that touches both the selector and the adapter."""
+
+    def __init__(self, questioner, selector: Selector, gallery_feats: torch.Tensor,
+                 gallery_ids: torch.Tensor, tokens: ImageTokens, pool_size: int,
+                 num_candidates: int):
+        super().__init__()
+        self.net = questioner.net
+        self.selector = selector
+        self.q = questioner
+        self.gallery_feats = gallery_feats  # [G, D] on the device, L2-normalised
+        self.gallery_ids = gallery_ids  # [G] image_idx
+        self.tokens = tokens
+        self.pool_size, self.num_candidates = pool_size, num_candidates
+        self.straight_through = True  # False: hard k-hot only, no gradient to the selector
+
+    def select(self, query_feats: torch.Tensor, pools: torch.Tensor, rounds: torch.Tensor,
+               temperature: float, generator: torch.Generator,
+               straight_through: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """k-hot [B, L-1] over pool positions 1..L-1, and the selector's scores."""
+        valid = selectable_mask(rounds, self.pool_size, pools.shape[1])
+        feats = self.gallery_feats[pools[:, 1:]]  # [B, L-1, D]
+        scores = self.selector(query_feats, feats, valid)
+        khot = gumbel_topk(scores, self.num_candidates - 1, temperature, generator,
+                           hard=True, straight_through=straight_through)
+        return khot, scores
+
+    def forward(self, examples: list[Example], query_feats: torch.Tensor, pools: torch.Tensor,
+                rounds: torch.Tensor, temperature: float, generator: torch.Generator
+                ) -> torch.Tensor:
+        khot, _ = self.select(query_feats, pools, rounds, temperature, generator,
+                              self.straight_through)
+        image_ids, weighted = [], []
+        for b in range(len(examples)):
+            picked = (khot[b].detach() > 0.5).nonzero().flatten()  # column = position - 1
+            rows = [int(pools[b, 0])] + [int(pools[b, int(c) + 1]) for c in picked]
+            ids = [int(self.gallery_ids[r]) for r in rows]
+            toks = self.tokens([ids])[0]
+            weights = [None] + [khot[b, int(c)] for c in picked]
+            weighted.append([t if w is None else t * w.to(t.dtype) for t, w in
+                             zip(toks, weights, strict=True)])
+            image_ids.append(ids)
+        prompts = [e.prompt(len(ids)) for e, ids in zip(examples, image_ids, strict=True)]
+        batch = self.q.training_batch(prompts, image_ids, weighted, [e.target for e in examples])
+        return self.q.loss(batch)
+
+
+def query_features(retriever: str, device_pref: str, examples: list[Example],
+                   descriptions: dict[int, str], batch_size: int) -> torch.Tensor:
+    """Retriever text feature of each example's query so far [E, D] (fixed, computed once)."""
+    encoder = RetrieverEncoder.from_pretrained(retriever, device_pref)
+    texts = [descriptions[e.example_id] for e in examples]
+    unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    feats = encoder.encode_texts(list(unique), batch_size).float().cpu()
+    return feats[torch.from_numpy(inverse.reshape(-1))]
+
+
+def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversations: str,
+        gallery: str, retriever: str, visual_tokens: str, annotations: str, image_root: str,
+        out_adapter: str, out_selector: str, metrics: str, checkpoints: str) -> None:
+    qcfg, jcfg, dcfg, seed = cfg["questioner"], cfg["joint"], cfg["dialogue"], cfg["seed"]
+    device = resolve_device(cfg["device"])
+    accelerator = Accelerator(
+        cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no",
+        gradient_accumulation_steps=jcfg["grad_accum"],
+    )
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(seed)
+    device = accelerator.device
+
+    from llava_reid.artifacts import read_table
+
+    table = read_table(conversations, "conversations", columns=["example_id", "description"])
+    descriptions = dict(zip(table.column("example_id").to_pylist(),
+                            table.column("description").to_pylist(), strict=True))
+    examples, held = split_holdout(load_examples(conversations), qcfg["sft"]["holdout"], seed)
+    query_feats = query_features(retriever, cfg["device"], examples, descriptions,
+                                 cfg["features"]["batch_size"])
+    index = Gallery.from_parquet(gallery, device)
+    position = index.position_of()
+    pools = torch.tensor([[position[i] for i in e.pool] for e in examples], dtype=torch.long)
+    rounds = torch.tensor([e.round for e in examples], dtype=torch.long)
+
+    q = load_base(model, cfg, device)
+    cache = None
+    if not qcfg["train_projector"]:
+        cache = VisualTokenCache(visual_tokens, device)
+        cache.check_model(q)
+    paths: dict[int, Path] = {}
+    if qcfg["train_projector"]:
+        from llava_reid.data.annotations import read_annotations
+
+        rows = read_annotations(annotations, split="train")
+        paths = {int(i): Path(image_root) / p
+                 for i, p in zip(rows.image_idx, rows.file_path, strict=True)}
+    tokens = ImageTokens(q, cache, paths)
+
+    ckpt = ResumableCheckpoint(checkpoints, config_hash(
+        {"questioner": qcfg, "joint": jcfg, "dialogue": dcfg, "seed": seed, "model": model,
+         "adapter": adapter, "selector": selector, "data": conversations}))
+    state = ckpt.load_state()
+    start_adapter = str(ckpt.last / "adapter") if state else adapter
+    attach_lora(q, qcfg, adapter=start_adapter)
+    sel = Selector.load(ckpt.last / "selector.safetensors" if state else selector, device)
+    sel.train()
+    module = JointLoss(q, sel, index.feats, index.image_idx, tokens, dcfg["pool_size"],
+                       dcfg["num_candidates"])
+    lora_params = [p for p in q.net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": lora_params, "lr": jcfg["lr"]},
+        {"params": list(sel.parameters()), "lr": jcfg["selector_lr"]},
+    ], weight_decay=0.0)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_process = max(1, jcfg["batch_size"] // world)
+    steps_per_epoch = len(examples) // (per_process * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{conversations}: {len(examples)} examples < batch size")
+    total_steps = steps_per_epoch * jcfg["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        max(1, total_steps // jcfg["grad_accum"]), 0))
+    if state:
+        ckpt.restore_trainer(optimizer, scheduler)
+        log.info("resuming at epoch %d step %d", state["epoch"], state["step"])
+    else:
+        state = {"epoch": 1, "step": 0, "history": []}
+    wrapped, optimizer = accelerator.prepare(module, optimizer)
+
+    def save(epoch: int, step: int) -> None:
+        if accelerator.is_main_process:
+            def save_models(tmp: Path) -> None:
+                q.net.save_pretrained(tmp / "adapter")
+                sel.save(tmp / "selector.safetensors")
+
+            ckpt.save(save_models, optimizer, scheduler, {**state, "epoch": epoch, "step": step})
+        accelerator.wait_for_everyone()
+
+    started = time.time()
+    for epoch in range(state["epoch"], jcfg["epochs"] + 1):
+        wrapped.train()
+        shard = epoch_shard(len(examples), epoch, seed, world, rank, per_process)
+        first = state["step"] if epoch == state["epoch"] else 0
+        for step in range(first, len(shard)):
+            global_step = (epoch - 1) * steps_per_epoch + step
+            tau = temperature_at(global_step, total_steps, jcfg["temperature_start"],
+                                 jcfg["temperature_end"])
+            gen = torch.Generator().manual_seed(derived_seed(seed, epoch, step, rank, 11))
+            idx = shard[step]
+            with accelerator.accumulate(wrapped), accelerator.autocast():
+                loss = wrapped([examples[i] for i in idx], query_feats[idx].to(device),
+                               pools[idx].to(device), rounds[idx].to(device), tau, gen)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and jcfg["max_grad_norm"] > 0:
+                    accelerator.clip_grad_norm_(lora_params + list(sel.parameters()),
+                                                jcfg["max_grad_norm"])
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["history"].append({"epoch": epoch, "step": step + 1, "tau": round(tau, 4),
+                                     "loss": round(float(loss.detach()), 4)})
+            if step % 20 == 0:
+                log.info("epoch %d step %d/%d loss %.4f tau %.3f", epoch, step + 1, len(shard),
+                         float(loss.detach()), tau)
+            if (step + 1) % jcfg["checkpoint_every"] == 0 and step + 1 < len(shard):
+                save(epoch, step + 1)
+        state["epoch"], state["step"] = epoch + 1, 0
+        save(epoch + 1, 0)
+
+    if accelerator.is_main_process:
+        losses = [h["loss"] for h in state["history"]]
+        window = max(1, min(20, len(losses) // 10))
+        agreement = topk_agreement(module, query_feats, pools, rounds, device)
+        result = {
+            "examples": len(examples),
+            "first_loss": round(sum(losses[:window]) / window, 4),
+            "last_loss": round(sum(losses[-window:]) / window, 4),
+            "selector_agrees_with_plain_topk": agreement,
+            "seconds_this_run": round(time.time() - started, 1),
+            "history": state["history"],
+        }
+        log.info("joint loss %.3f -> %.3f; selector = plain top-k on %.1f%% of pools",
+                 result["first_loss"], result["last_loss"], 100 * agreement)
+        with atomic_dir(out_adapter) as tmp:
+            q.net.save_pretrained(tmp)
+        sel.eval()
+        sel.save(out_selector, extra={"stage": "train-joint"})
+        write_json(result, metrics)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def topk_agreement(module: JointLoss, query_feats, pools, rounds, device, limit: int = 2000
+                   ) -> float:
+    """Share of pools where the trained selector's deterministic choice is plain top-k."""
+    from llava_reid.selector.sampler import topk_positions
+
+    sel = module.selector.eval()
+    n = min(limit, len(pools))
+    valid = selectable_mask(rounds[:n].to(device), module.pool_size, pools.shape[1])
+    scores = sel(query_feats[:n].to(device), module.gallery_feats[pools[:n, 1:].to(device)],
+                 valid)
+    chosen = topk_positions(scores, module.num_candidates - 1)
+    plain = torch.arange(module.num_candidates - 1, device=chosen.device)
+    return round(float((chosen == plain).all(dim=1).float().mean()), 4)
