@@ -50,15 +50,15 @@ rule plots:
             subcategory="Metrics",
             labels={"figure": "table"},
         ),
-    params:
-        cfg=stage_config("report"),
-        out_dir=lambda wildcards, output: os.path.dirname(output.tsv),
     log:
         out("logs/report_plots.log"),
     benchmark:
         out("benchmarks/report_plots.tsv")
     conda:
         "../envs/train.yaml"
+    params:
+        cfg=stage_config("report"),
+        out_dir=lambda wildcards, output: os.path.dirname(output.tsv),
     shell:
         "llava-reid plots --config {params.cfg:q} --metrics {input:q}"
         " --out-dir {params.out_dir:q} > {log} 2>&1"
@@ -76,17 +76,17 @@ rule ranked_lists:
             subcategory="Ranked lists",
             labels={"method": "{method}"},
         ),
-    wildcard_constraints:
-        method="[A-Za-z0-9_.-]+",
-    params:
-        cfg=stage_config("report"),
-        image_root=image_root(),
     log:
         out("logs/report_ranked_lists_{method}.log"),
     benchmark:
         out("benchmarks/report_ranked_lists_{method}.tsv")
+    wildcard_constraints:
+        method="[A-Za-z0-9_.-]+",
     conda:
         "../envs/train.yaml"
+    params:
+        cfg=stage_config("report"),
+        image_root=image_root(),
     shell:
         "llava-reid ranked-lists --config {params.cfg:q} --dialogues {input.dialogues}"
         " --gallery {input.gallery} --image-root {params.image_root} --out {output}"

@@ -33,6 +33,18 @@ def small_config() -> dict:
     r["tiny"].update(embed_dim=32, hidden_size=32, vision_layers=1, text_layers=1, heads=2,
                      vocab_size=400)
     r.update(epochs=3, batch_size=16, warmup_epochs=1, text_length=48)
+    q = cfg["questioner"]
+    q["tiny"].update(hidden_size=32, intermediate_size=64, layers=1, heads=2, kv_heads=1,
+                     vocab_size=400, vision_hidden_size=16, vision_layers=1, vision_heads=2,
+                     image_size=32, patch_size=8)
+    q["lora"].update(rank=8, alpha=16)
+    q["sft"].update(epochs=1, batch_size=16, checkpoint_every=5, eval_prompts=16)
+    q["generation"].update(max_new_tokens=12)
+    cfg["dialogue"].update(rounds=3, pool_size=20)
+    s = cfg["selector"]
+    s.update(layers=1, heads=2, ffn=32)
+    s["warmup"].update(epochs=2)
+    cfg["joint"].update(batch_size=16, checkpoint_every=5)
     return cfg
 
 

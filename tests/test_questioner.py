@@ -169,15 +169,22 @@ def test_top_p_sampling_keeps_to_the_nucleus():
     assert set(greedy.tolist()) == {0}
 
 
-def test_prefix_cache_is_computed_once_per_template(questioner):
+def test_prefix_cache_is_computed_once_and_right_aligned_per_row(questioner):
     cache = PrefixCache(questioner)
-    p = build_prompt(0, 1, "I saw a man.", [], [])
-    a = cache.get(questioner.prefix_ids(p))
-    b = cache.get(questioner.prefix_ids(p))
-    assert a is b
-    expanded = cache.expanded(questioner.prefix_ids(p), 3)
-    assert expanded.layers[0].keys.shape[0] == 3
-    assert a.layers[0].keys.shape[0] == 1  # the shared copy is untouched
+    short = tuple(questioner.prefix_ids(build_prompt(0, 1, "I saw a man.", [], [])))
+    long = tuple(questioner.prefix_ids(build_prompt(1, 1, "I saw a man.", [], [])))
+    assert len(short) != len(long)
+    assert cache.get(short) is cache.get(short)
+    batch, mask = cache.batch_cache([short, long, short], capacity=200)
+    width = max(len(short), len(long))
+    assert mask.shape == (3, width)
+    assert mask[0].tolist() == [0] * (width - len(short)) + [1] * len(short)
+    assert mask[1].sum() == len(long)
+    keys = batch.layers[0].keys
+    assert keys.shape[0] == 3 and keys.shape[2] == width
+    assert torch.equal(keys[0, :, width - len(short):], cache.get(short).layers[0].keys[0])
+    assert torch.equal(keys[1, :, width - len(long):], cache.get(long).layers[0].keys[0])
+    assert cache.get(short).layers[0].keys.shape[0] == 1  # the shared copy is untouched
 
 
 def test_visual_token_cache_round_trip_and_staleness(questioner, tmp_path):

@@ -105,8 +105,8 @@ def build_asker(method: str, cfg: dict[str, Any], encoder, gallery: Gallery,
 
         selector = Selector.load(models["selector"], encoder.device)
     g = qcfg["generation"]
-    generation = GenerationConfig(g["max_new_tokens"], g["do_sample"], g["top_p"],
-                                  g["temperature"])
+    generation = GenerationConfig(max_new_tokens=g["max_new_tokens"], do_sample=g["do_sample"],
+                                  top_p=g["top_p"], temperature=g["temperature"])
     return QuestionerAsker(questioner, cache, gallery, generation, seed, dcfg["pool_size"],
                            dcfg["num_candidates"], g["batch_size"], selector=selector)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from llava_reid.questioner.model import Questioner, splice_images
 from llava_reid.questioner.prompts import PromptParts, clean_question
@@ -33,6 +34,7 @@ _MASK31 = 0x7FFFFFFF
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 48
+    min_new_tokens: int = 1  # end-of-turn is suppressed before this many tokens
     do_sample: bool = True
     top_p: float = 0.5
     temperature: float = 1.0
@@ -73,6 +75,42 @@ def choose_tokens(logits: torch.Tensor, cfg: GenerationConfig, seeds: torch.Tens
     return ids.gather(-1, scores.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A KV cache layer written in place into buffers sized for the whole generation.
+
+    transformers' DynamicLayer concatenates on every decode step, copying the whole cache each
+    time; here each step writes one slot and attention reads a view of the filled part."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self._k = torch.empty((b, h, self.capacity, d), dtype=self.dtype, device=self.device)
+        self._v = torch.empty((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype,
+                              device=self.device)
+        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"KV cache full: {self.length} + {n} > {self.capacity}")
+        self._k[:, :, self.length : self.length + n] = key_states
+        self._v[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
 class PrefixCache:
     """KV of each template's shared prefix, computed once per questioner weights."""
 
@@ -93,14 +131,32 @@ class PrefixCache:
             self._kv[key] = cache
         return self._kv[key]
 
-    def expanded(self, ids: Sequence[int], rows: int) -> DynamicCache:
-        """A copy of the prefix KV repeated for ``rows`` rows (the original stays intact)."""
-        src = self.get(ids)
-        cache = DynamicCache(config=self.q.base.config.text_config)
-        for layer_idx, layer in enumerate(src.layers):
-            cache.update(layer.keys.expand(rows, -1, -1, -1).contiguous(),
-                         layer.values.expand(rows, -1, -1, -1).contiguous(), layer_idx)
-        return cache
+    def batch_cache(self, prefixes: Sequence[tuple[int, ...]], capacity: int
+                    ) -> tuple[Cache, torch.Tensor]:
+        """A cache for a batch whose row i starts with ``prefixes[i]``: each prefix's KV is
+        right-aligned in the first ``max(len)`` slots (shorter ones padded on the left), and
+        the matching [B, max(len)] attention mask."""
+        width = max(len(p) for p in prefixes)
+        rows_of: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prefixes):
+            rows_of.setdefault(tuple(p), []).append(i)
+        layers = self.q.base.config.text_config.num_hidden_layers
+        cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(layers)])
+        mask = torch.zeros((len(prefixes), width), dtype=torch.long, device=self.q.device)
+        for layer_idx in range(layers):
+            ref = self.get(next(iter(rows_of))).layers[layer_idx].keys
+            shape = (len(prefixes), ref.shape[1], width, ref.shape[3])
+            keys = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+            values = torch.zeros_like(keys)
+            for prefix, rows in rows_of.items():
+                src = self.get(prefix).layers[layer_idx]
+                index = torch.tensor(rows, device=ref.device)
+                keys[index, :, width - len(prefix) :] = src.keys
+                values[index, :, width - len(prefix) :] = src.values
+            cache.update(keys, values, layer_idx)
+        for prefix, rows in rows_of.items():
+            mask[torch.tensor(rows, device=mask.device), width - len(prefix) :] = 1
+        return cache, mask
 
 
 @dataclass
@@ -121,32 +177,25 @@ def generate_questions(
     batch_size: int = 64,
 ) -> GenerationResult:
     """One question per prompt; ``image_ids[i]`` are prompt i's images in slot order and
-    ``token_source(ids)`` returns their visual tokens (the cache). Rows are grouped by template
-    (shared prefix), then batched."""
+    ``token_source(ids)`` returns their visual tokens (the cache). Prompts are generated in
+    batches of ``batch_size``, whatever their templates."""
     prefix_cache = prefix_cache or PrefixCache(questioner)
-    questions: list[str] = [""] * len(prompts)
-    seen: list[list[int]] = [[] for _ in prompts]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(tuple(questioner.prefix_ids(p)), []).append(i)
-    for prefix, members in groups.items():
-        for s in range(0, len(members), batch_size):
-            rows = members[s : s + batch_size]
-            tokens = [token_source(image_ids[i]) for i in rows]
-            texts = _generate_group(
-                questioner, list(prefix), [prompts[i] for i in rows], tokens,
-                [seeds[i] for i in rows], cfg, prefix_cache,
-            )
-            for i, text in zip(rows, texts, strict=True):
-                questions[i] = text
-                seen[i] = [int(x) for x in image_ids[i]]
+    questions: list[str] = []
+    seen: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        rows = range(s, min(s + batch_size, len(prompts)))
+        tokens = [token_source(image_ids[i]) for i in rows]
+        questions += _generate_batch(questioner, [prompts[i] for i in rows], tokens,
+                                     [seeds[i] for i in rows], cfg, prefix_cache)
+        seen += [[int(x) for x in image_ids[i]] for i in rows]
     return GenerationResult(questions, seen)
 
 
-def _generate_group(q: Questioner, prefix: list[int], prompts, image_tokens, seeds, cfg,
+def _generate_batch(q: Questioner, prompts, image_tokens, seeds, cfg,
                     prefix_cache: PrefixCache) -> list[str]:
+    """Layout per row: [pad][its template's prefix][pad][its own tokens][generated]."""
     device = q.device
-    bsz, p_len = len(prompts), len(prefix)
+    bsz = len(prompts)
     bodies = [q.prompt_ids(p, [len(t) for t in toks])
               for p, toks in zip(prompts, image_tokens, strict=True)]
     width = max(len(b) for b in bodies)
@@ -157,9 +206,12 @@ def _generate_group(q: Questioner, prefix: list[int], prompts, image_tokens, see
         body_mask[i, width - len(body) :] = 1
     ids, body_mask = ids.to(device), body_mask.to(device)
     embeds = splice_images(q.embed(ids), ids, q.image_token_id, image_tokens)
-    mask = torch.cat([torch.ones((bsz, p_len), dtype=torch.long, device=device), body_mask], 1)
-    positions = (p_len + body_mask.cumsum(1) - 1).clamp_min(p_len)
-    cache = prefix_cache.expanded(prefix, bsz)
+    prefixes = [tuple(q.prefix_ids(p)) for p in prompts]
+    prefix_lens = torch.tensor([len(p) for p in prefixes], device=device)
+    cache, prefix_mask = prefix_cache.batch_cache(
+        prefixes, max(map(len, prefixes)) + width + cfg.max_new_tokens)
+    mask = torch.cat([prefix_mask, body_mask], 1)
+    positions = (prefix_lens[:, None] + body_mask.cumsum(1) - 1).clamp_min(0)
     lm, head = q.base.model.language_model, q.base.lm_head
     hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True).last_hidden_state
@@ -168,19 +220,22 @@ def _generate_group(q: Questioner, prefix: list[int], prompts, image_tokens, see
     seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=device)
     stops = torch.tensor(q.stop_ids, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    full_mask = torch.ones((bsz, mask.shape[1] + cfg.max_new_tokens), dtype=torch.long,
+                           device=device)
+    full_mask[:, : mask.shape[1]] = mask
     generated: list[torch.Tensor] = []
     for step in range(cfg.max_new_tokens):
-        if step == 0:  # never end before the first word
+        if step < cfg.min_new_tokens:  # never end before the first word
             logits = logits.clone()
             logits[:, stops] = -torch.inf
         token = choose_tokens(logits, cfg, seed_t, step)
         token = torch.where(done, torch.full_like(token, q.pad_id), token)
         generated.append(token)
         done |= torch.isin(token, stops)
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+        if step == cfg.max_new_tokens - 1 or bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones((bsz, 1), dtype=torch.long, device=device)], 1)
-        hidden = lm(inputs_embeds=q.embed(token[:, None]), attention_mask=mask,
+        hidden = lm(inputs_embeds=q.embed(token[:, None]),
+                    attention_mask=full_mask[:, : mask.shape[1] + step + 1],
                     position_ids=next_pos[:, None], past_key_values=cache,
                     use_cache=True).last_hidden_state
         logits = head(hidden[:, -1])

@@ -43,6 +43,7 @@ from llava_reid.selector.sampler import selectable_mask, topk_positions
 log = logging.getLogger(__name__)
 
 LOSSES = ("plackett_luce", "bce")
+TRAIN_EVAL_ROWS = 1000  # training pools (at least) on which the fit is measured
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -278,8 +279,11 @@ def train_warmup(
                  held["mean_overlap"], history[-1]["seconds"])
 
     model.eval()
+    # Training-set agreement (fit vs. generalisation) on a seeded sample, to keep it cheap.
+    sample = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
+        seed))[: max(len(test_rows), TRAIN_EVAL_ROWS)]]
     trained = agreement_with_topk(model, query_feats, pool_rows, rounds, valid, gallery_feats,
-                                  train_rows, n_targets, eval_bs, device)
+                                  sample, n_targets, eval_bs, device)
     metrics = {
         "loss": loss_kind,
         "num_candidates": num_candidates,
@@ -296,7 +300,7 @@ def train_warmup(
         "selector": model.config,
     }
     if model.config.get("retrieval_prior"):
-        metrics["prior_scale"] = round(float(model.prior_log_scale.exp()), 3)
+        metrics["prior_scale"] = round(float(model.prior_log_scale.detach().exp()), 3)
     return model, metrics
 
 
