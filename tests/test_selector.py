@@ -402,3 +402,14 @@ def test_warmup_stage_from_files(tmp_path, retriever_folder):
     assert selector.config["dim"] == D and selector.config["retrieval_prior"]
     assert Selector.read_metadata(out)["stage"] == "warmup-selector"
     assert sorted(p.name for p in out.parent.iterdir()) == ["warmup.safetensors"]
+
+
+def test_prior_ranking_survives_bf16_autocast():
+    model = tiny_selector(retrieval_prior=True).eval()
+    query, pool, valid = inputs(positions=20)
+    valid[:] = True
+    expected = torch.einsum("bd,bpd->bp", query, pool).topk(3, dim=1).indices.sort(1).values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model(query, pool, valid)
+    assert scores.dtype == torch.float32
+    assert torch.equal(topk_positions(scores, 3), expected)

@@ -1,8 +1,8 @@
 """The candidate selector: scores the retrieval pool given the query, as a log-distribution.
 
 Each dialogue round the questioner sees the retriever's top-1 plus a few more images. Plain
-top-k shows the next best ones, which are often near-duplicates of the top-1 and so make for
-poor questions. The selector looks at the query and the whole valid part of the pool at once
+top-k shows the next best ones, which may be near-duplicates of the top-1 and so give the
+questioner little to tell apart. The selector looks at the query and the whole valid part of the pool at once
 (a transformer over ``[text; images]``) and scores every pool position; a subset sampler
 (``selector.sampler``) then draws the extra candidates from those scores.
 
@@ -11,6 +11,13 @@ Inputs are the retriever's L2-normalised features. Unit vectors have entries of 
 transformer's initialisation expects. A learned modality embedding tells the text token from
 the image tokens; there is deliberately no position embedding, so the scores depend on the
 features only and not on where the retriever happened to put an image.
+
+Optional ``retrieval_prior`` (not in the original): add the query-image cosine, times a
+learned scale initialised at the retriever's logit scale (1/0.02), to the logits, and start
+the head at zero. The selector then starts as exactly plain top-k and its transformer learns
+corrections to it. Without it the transformer has to rebuild the retriever's ranking to a
+precision of ~0.001 in cosine from raw features, which it does poorly (see
+``selector.warmup``).
 
 The artifact is one safetensors file whose metadata holds the JSON config, so a checkpoint
 cannot be separated from the sizes needed to rebuild it.
@@ -60,7 +67,7 @@ class Selector(nn.Module):
         layer = nn.TransformerEncoderLayer(
             dim, heads, ffn, dropout, activation="gelu", batch_first=True, norm_first=False
         )
-        # Nested tensors would change numerics between train and eval mode; keep one path.
+        # Nested tensors (eval only) would drop padded positions; keep one layout in both modes.
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(dim, 1, bias=False)
         if retrieval_prior:
@@ -150,8 +157,10 @@ class Selector(nn.Module):
         hidden = self.encoder(tokens, src_key_padding_mask=padding)  # [B, 1 + W, D]
         logits = self.head(hidden[:, 1:]).squeeze(-1).float()  # [B, W]
         if self._config["retrieval_prior"]:
-            cosine = torch.einsum("bd,bwd->bw", query_feat, feats).float()  # [B, W]
-            logits = logits + self.prior_log_scale.exp() * cosine
+            # fp32 even under bf16 autocast: neighbouring ranks differ by ~1e-3 in cosine.
+            with torch.autocast(pool_feats.device.type, enabled=False):
+                cosine = torch.einsum("bd,bwd->bw", query_feat.float(), feats.float())  # [B, W]
+            logits = logits + self.prior_log_scale.float().exp() * cosine
         logits = logits.masked_fill(~keep, INVALID_SCORE)
         scores = torch.log_softmax(logits, dim=-1).masked_fill(~keep, INVALID_SCORE)
         return torch.cat([scores, out[:, width:]], dim=1)  # [B, P]
