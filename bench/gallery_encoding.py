@@ -68,7 +68,7 @@ def questioner_rows(dev, peak, batches, compile_: bool, q):
     flops += 2 * tokens * (v.hidden_size * d + d * d)
     sizes_one = (384, 128)
     tower = q.base.model.vision_tower
-    if compile_:
+    if compile_:  # what Questioner.compile_vision_tower does in cache-visual-tokens
         q.base.model.vision_tower = torch.compile(tower)
     rows = []
     try:

@@ -199,9 +199,16 @@ def main() -> None:
         profile(ours, q, prompts, image_ids, cache, seeds, prefix, args)
         return
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        ours()
+        efficient_s = wall_time(ours)
+
     compiled_s = None
-    if args.compile:
-        q.compile_for_inference()
+    if args.compile:  # regional compile of the decoder layers (not used by the product)
+        for layer in q.base.model.language_model.layers:
+            layer.compile(dynamic=True)
         ours()  # compiles
         ours()
         compiled_s = wall_time(ours)
@@ -217,23 +224,27 @@ def main() -> None:
     roof_orig = roofline_seconds(n_orig, lengths[:n_orig], args.new_tokens, 4, params, peaks,
                                  vision_flops=16 * vision_per_image * math.ceil(n_orig / 4))
     ours_qps, orig_qps = args.dialogues / ours_s, n_orig / orig_s
-    extra = []
+    extra = [{"path": "(ii) ours, SDPA efficient/flash only", "questions": args.dialogues,
+              "batch": args.batch, "seconds": efficient_s,
+              "questions_per_s": args.dialogues / efficient_s,
+              "roofline_qps": args.dialogues / roof_ours, "of_roofline": roof_ours / efficient_s}]
     if compiled_s is not None:
         extra.append({"path": "(ii) ours, compiled", "questions": args.dialogues,
                       "batch": args.batch, "seconds": compiled_s,
                       "questions_per_s": args.dialogues / compiled_s,
                       "roofline_qps": args.dialogues / roof_ours,
                       "of_roofline": roof_ours / compiled_s})
-        ours_qps = max(ours_qps, args.dialogues / compiled_s)
     rows = [
         {"path": "(i) original way", "questions": n_orig, "batch": 4, "seconds": orig_s,
          "questions_per_s": orig_qps, "roofline_qps": n_orig / roof_orig,
          "of_roofline": roof_orig / orig_s},
         {"path": "(ii) ours", "questions": args.dialogues, "batch": args.batch,
-         "seconds": ours_s, "questions_per_s": ours_qps,
+         "seconds": ours_s, "questions_per_s": args.dialogues / ours_s,
          "roofline_qps": args.dialogues / roof_ours, "of_roofline": roof_ours / ours_s},
         *extra,
     ]
+    if compiled_s is not None:
+        ours_qps = max(ours_qps, args.dialogues / compiled_s)
     result = {
         "gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "peaks": peaks,
         "lm_params": params, "prompt_tokens_mean": sum(lengths) / len(lengths),

@@ -95,6 +95,7 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
         self.is_initialized = True
 
+    @torch.compiler.disable  # a Python-side write; keeps compiled layers free of length guards
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

@@ -166,6 +166,7 @@ def run(cfg: dict[str, Any], annotations: str, image_root: str, model: str, spli
     questioner = Questioner.from_pretrained(model, qcfg, cfg["device"])
     if adapter:
         questioner.load_adapter(adapter, merge=True)
+    questioner.compile_vision_tower()
     root = Path(image_root)
     build_cache(questioner, [root / p for p in rows.file_path], rows.image_idx.tolist(), out,
                 qcfg["cache_batch_size"], source=f"{model} {split}")
