@@ -7,6 +7,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
@@ -16,9 +19,10 @@ include: "rules/retriever.smk"
 include: "rules/questioner.smk"
 include: "rules/selector.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

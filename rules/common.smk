@@ -1,4 +1,5 @@
 import json
+import os
 
 RESULTS = f"{config['results']}/{config['run']}"
 SPLITS = ["train", "val", "test"]
@@ -21,6 +22,13 @@ def annotation_json():
     if config["data"]["source"] == "synthetic":
         return out("data/synthetic/annotations.json")
     return config["data"]["annotations"]
+
+
+def annotation_image_root(annotations):
+    """Folder the annotation records' file_path are relative to (synthetic: beside the JSON)."""
+    if config["data"]["source"] == "synthetic":
+        return os.path.dirname(annotations)
+    return config["data"]["image_root"]
 
 
 def image_root():
@@ -58,5 +66,56 @@ def all_targets():
         *expand(out("features/{split}_gallery.parquet"), split=SPLITS),
         *expand(out("features/{split}_queries.parquet"), split=SPLITS),
         out("questioner/metrics.json"),
-        *expand(out("eval/{method}/metrics.json"), method=config["evaluate"]["methods"]),
+        *expand(
+            out("eval/{method}/metrics.json"), method=config["evaluate"]["methods"]
+        ),
+        *report_targets(),
+    ]
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+EVAL_CHUNKS = config["evaluate"]["chunks"]
+QUESTIONER_METHODS = ("questioner", "selector")
+
+
+def method_models(wildcards):
+    """What a method needs beyond the retriever: the questioner, its adapter, the cached
+    visual tokens, the selector."""
+    if wildcards.method not in QUESTIONER_METHODS:
+        return {}
+    models = {
+        "questioner": questioner_model(),
+        "adapter": method_adapter(wildcards.method),
+        "visual_tokens": out("questioner/visual_tokens/test.safetensors"),
+    }
+    if wildcards.method == "selector":
+        models["selector"] = out("joint/selector.safetensors")
+    return models
+
+
+def model_flags(wildcards, input):
+    flags = []
+    for name in ("questioner", "adapter", "visual_tokens", "selector"):
+        if name in input.keys():
+            flags.append(f"--{name.replace('_', '-')} {input[name]}")
+    return " ".join(flags)
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def eval_methods():
+    """The evaluated methods (eval/{method}/...), in the order the report shows them."""
+    return list(config["evaluate"]["methods"])
+
+
+def report_targets():
+    """Every report artifact: the plots and tables, and one ranked-list picture per method."""
+    return [
+        out("report/recall_vs_round.png"),
+        out("report/bri.png"),
+        out("report/metrics.tsv"),
+        out("report/metrics.html"),
+        *expand(out("report/ranked_lists/{method}.png"), method=eval_methods()),
     ]

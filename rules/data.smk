@@ -5,15 +5,15 @@ rule synthesize_data:
     output:
         annotations=out("data/synthetic/annotations.json"),
         images=directory(out("data/synthetic/images")),
-    params:
-        cfg=stage_config("data"),
-        root=out("data/synthetic"),
     log:
         out("logs/synthesize_data.log"),
     benchmark:
         out("benchmarks/synthesize_data.tsv")
     conda:
         "../envs/train.yaml"
+    params:
+        cfg=stage_config("data"),
+        root=lambda wildcards, output: os.path.dirname(output.annotations),
     shell:
         "llava-reid synthesize --config {params.cfg:q} --out-dir {params.root} > {log} 2>&1"
 
@@ -23,15 +23,15 @@ rule load_annotations:
         annotations=annotation_json(),
     output:
         out("data/annotations.parquet"),
-    params:
-        cfg=stage_config("data"),
-        image_root=image_root(),
     log:
         out("logs/load_annotations.log"),
     benchmark:
         out("benchmarks/load_annotations.tsv")
     conda:
         "../envs/train.yaml"
+    params:
+        cfg=stage_config("data"),
+        image_root=lambda wildcards, input: annotation_image_root(input.annotations),
     shell:
         "llava-reid load-annotations --config {params.cfg:q} --annotations {input.annotations}"
         " --image-root {params.image_root} --out {output} > {log} 2>&1"

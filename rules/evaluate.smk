@@ -1,32 +1,6 @@
 # Interactive evaluation: each method's test queries scattered over chunks (one job, one GPU
 # each), then gathered by query id into dialogues and per-round metrics.
 
-EVAL_CHUNKS = config["evaluate"]["chunks"]
-QUESTIONER_METHODS = ("questioner", "selector")
-
-
-def method_models(wildcards):
-    """What a method needs beyond the retriever: the questioner, its adapter, the cached
-    visual tokens, the selector."""
-    if wildcards.method not in QUESTIONER_METHODS:
-        return {}
-    models = {
-        "questioner": questioner_model(),
-        "adapter": method_adapter(wildcards.method),
-        "visual_tokens": out("questioner/visual_tokens/test.safetensors"),
-    }
-    if wildcards.method == "selector":
-        models["selector"] = out("joint/selector.safetensors")
-    return models
-
-
-def model_flags(wildcards, input):
-    flags = []
-    for name in ("questioner", "adapter", "visual_tokens", "selector"):
-        if name in input.keys():
-            flags.append(f"--{name.replace('_', '-')} {input[name]}")
-    return " ".join(flags)
-
 
 rule evaluate:
     input:
@@ -37,10 +11,18 @@ rule evaluate:
         retriever=out("retriever/model"),
     output:
         out("eval/{method}/chunks/{i}-of-{n}.parquet"),
+    log:
+        out("logs/evaluate_{method}_{i}-of-{n}.log"),
+    benchmark:
+        out("benchmarks/evaluate_{method}_{i}-of-{n}.tsv")
     wildcard_constraints:
         method="initial|random|oracle|questioner|selector",
         i=r"\d+",
         n=r"\d+",
+    conda:
+        "../envs/train.yaml"
+    resources:
+        gpu=1,
     params:
         cfg=stage_config(
             "features", "dialogue", "questioner", "answerer", "evaluate", "retriever"
@@ -48,14 +30,6 @@ rule evaluate:
         models=model_flags,
         # Not an output: kept across reruns so answers are never asked twice.
         answers=out("eval/{method}/answers/{i}-of-{n}.parquet"),
-    resources:
-        gpu=1,
-    log:
-        out("logs/evaluate_{method}_{i}-of-{n}.log"),
-    benchmark:
-        out("benchmarks/evaluate_{method}_{i}-of-{n}.tsv")
-    conda:
-        "../envs/train.yaml"
     shell:
         "llava-reid evaluate --config {params.cfg:q} --method {wildcards.method}"
         " --chunk {wildcards.i} --chunks {wildcards.n} --annotations {input.annotations}"
@@ -75,14 +49,14 @@ rule merge_eval:
     output:
         dialogues=out("eval/{method}/dialogues.parquet"),
         metrics=out("eval/{method}/metrics.json"),
-    params:
-        cfg=stage_config("evaluate"),
     log:
         out("logs/merge_eval_{method}.log"),
     benchmark:
         out("benchmarks/merge_eval_{method}.tsv")
     conda:
         "../envs/train.yaml"
+    params:
+        cfg=stage_config("evaluate"),
     shell:
         "llava-reid merge-eval --config {params.cfg:q} --method {wildcards.method}"
         " --chunks {input.chunks} --gallery {input.gallery} --queries {input.queries}"

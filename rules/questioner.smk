@@ -10,16 +10,16 @@ rule prepare_data:
     output:
         plan=out("prepare/oracle_plan.parquet"),
         conversations=out("prepare/conversations.parquet"),
-    params:
-        cfg=stage_config("prepare", "dialogue"),
-    resources:
-        gpu=1,
     log:
         out("logs/prepare_data.log"),
     benchmark:
         out("benchmarks/prepare_data.tsv")
     conda:
         "../envs/train.yaml"
+    resources:
+        gpu=1,
+    params:
+        cfg=stage_config("prepare", "dialogue"),
     shell:
         "llava-reid --nproc {resources.gpu} prepare-data --config {params.cfg:q}"
         " --annotations {input.annotations} --gallery {input.gallery}"
@@ -32,14 +32,14 @@ rule build_tiny_questioner:
         out("data/annotations.parquet"),
     output:
         directory(out("models/questioner_tiny")),
-    params:
-        cfg=stage_config("questioner"),
     log:
         out("logs/build_tiny_questioner.log"),
     benchmark:
         out("benchmarks/build_tiny_questioner.tsv")
     conda:
         "../envs/train.yaml"
+    params:
+        cfg=stage_config("questioner"),
     shell:
         "llava-reid build-tiny-questioner --config {params.cfg:q} --annotations {input}"
         " --out {output} > {log} 2>&1"
@@ -52,20 +52,22 @@ rule cache_visual_tokens:
         adapter=projector_adapter,
     output:
         out("questioner/visual_tokens/{split}.safetensors"),
-    wildcard_constraints:
-        split="train|val|test",
-    params:
-        cfg=stage_config("questioner"),
-        image_root=image_root(),
-        adapter=lambda wildcards, input: f"--adapter {input.adapter}" if input.adapter else "",
-    resources:
-        gpu=1,
     log:
         out("logs/cache_visual_tokens_{split}.log"),
     benchmark:
         out("benchmarks/cache_visual_tokens_{split}.tsv")
+    wildcard_constraints:
+        split="train|val|test",
     conda:
         "../envs/train.yaml"
+    resources:
+        gpu=1,
+    params:
+        cfg=stage_config("questioner"),
+        image_root=image_root(),
+        adapter=lambda wildcards, input: (
+            f"--adapter {input.adapter}" if input.adapter else ""
+        ),
     shell:
         "llava-reid cache-visual-tokens --config {params.cfg:q}"
         " --annotations {input.annotations} --image-root {params.image_root}"
@@ -82,20 +84,20 @@ rule train_questioner:
     output:
         adapter=directory(out("questioner/adapter")),
         metrics=out("questioner/metrics.json"),
-    params:
-        cfg=stage_config("questioner", "dialogue"),
-        image_root=image_root(),
-        # Not an output: Snakemake would delete it on failure, and resuming needs it.
-        checkpoints=out("questioner/checkpoints"),
-    resources:
-        gpu=1,
-    threads: 2
     log:
         out("logs/train_questioner.log"),
     benchmark:
         out("benchmarks/train_questioner.tsv")
     conda:
         "../envs/train.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        cfg=stage_config("questioner", "dialogue"),
+        image_root=image_root(),
+        # Not an output: Snakemake would delete it on failure, and resuming needs it.
+        checkpoints=out("questioner/checkpoints"),
     shell:
         "llava-reid --nproc {resources.gpu} train-questioner --config {params.cfg:q} --model {input.model}"
         " --conversations {input.conversations} --visual-tokens {input.visual_tokens}"

@@ -2,22 +2,6 @@
 # of a few dialogues per method, all flagged for `snakemake --report`.
 
 
-def eval_methods():
-    """The evaluated methods (eval/{method}/...), in the order the report shows them."""
-    return list(config["evaluate"]["methods"])
-
-
-def report_targets():
-    """Every report artifact: the plots and tables, and one ranked-list picture per method."""
-    return [
-        out("report/recall_vs_round.png"),
-        out("report/bri.png"),
-        out("report/metrics.tsv"),
-        out("report/metrics.html"),
-        *expand(out("report/ranked_lists/{method}.png"), method=eval_methods()),
-    ]
-
-
 rule plots:
     input:
         expand(out("eval/{method}/metrics.json"), method=eval_methods()),

@@ -6,14 +6,14 @@ rule init_retriever:
         out("data/annotations.parquet"),
     output:
         directory(out("models/retriever_init")),
-    params:
-        cfg=stage_config("retriever"),
     log:
         out("logs/init_retriever.log"),
     benchmark:
         out("benchmarks/init_retriever.tsv")
     conda:
         "../envs/train.yaml"
+    params:
+        cfg=stage_config("retriever"),
     shell:
         "llava-reid init-retriever --config {params.cfg:q} --annotations {input}"
         " --out {output} > {log} 2>&1"
@@ -26,20 +26,20 @@ rule train_retriever:
     output:
         model=directory(out("retriever/model")),
         metrics=out("retriever/metrics.json"),
-    params:
-        cfg=stage_config("retriever"),
-        image_root=image_root(),
-        # Not an output: Snakemake would delete it on failure, and resuming needs it.
-        checkpoints=out("retriever/checkpoints"),
-    resources:
-        gpu=1,
-    threads: 2
     log:
         out("logs/train_retriever.log"),
     benchmark:
         out("benchmarks/train_retriever.tsv")
     conda:
         "../envs/train.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        cfg=stage_config("retriever"),
+        image_root=image_root(),
+        # Not an output: Snakemake would delete it on failure, and resuming needs it.
+        checkpoints=out("retriever/checkpoints"),
     shell:
         "llava-reid --nproc {resources.gpu} train-retriever --config {params.cfg:q} --annotations {input.annotations}"
         " --image-root {params.image_root} --init {input.init} --out {output.model}"
@@ -53,19 +53,19 @@ rule cache_features:
     output:
         gallery=out("features/{split}_gallery.parquet"),
         queries=out("features/{split}_queries.parquet"),
-    wildcard_constraints:
-        split="train|val|test",
-    params:
-        cfg=stage_config("features"),
-        image_root=image_root(),
-    resources:
-        gpu=1,
     log:
         out("logs/cache_features_{split}.log"),
     benchmark:
         out("benchmarks/cache_features_{split}.tsv")
+    wildcard_constraints:
+        split="train|val|test",
     conda:
         "../envs/train.yaml"
+    resources:
+        gpu=1,
+    params:
+        cfg=stage_config("features"),
+        image_root=image_root(),
     shell:
         "llava-reid cache-features --config {params.cfg:q} --annotations {input.annotations}"
         " --image-root {params.image_root} --model {input.model} --split {wildcards.split}"

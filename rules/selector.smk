@@ -9,16 +9,16 @@ rule warmup_selector:
     output:
         selector=out("selector/warmup.safetensors"),
         metrics=out("selector/warmup_metrics.json"),
-    params:
-        cfg=stage_config("selector", "dialogue"),
-    resources:
-        gpu=1,
     log:
         out("logs/warmup_selector.log"),
     benchmark:
         out("benchmarks/warmup_selector.tsv")
     conda:
         "../envs/train.yaml"
+    resources:
+        gpu=1,
+    params:
+        cfg=stage_config("selector", "dialogue"),
     shell:
         "llava-reid warmup-selector --config {params.cfg:q}"
         " --conversations {input.conversations} --gallery {input.gallery}"
@@ -40,20 +40,20 @@ rule train_joint:
         adapter=directory(out("joint/adapter")),
         selector=out("joint/selector.safetensors"),
         metrics=out("joint/metrics.json"),
-    params:
-        cfg=stage_config("questioner", "joint", "dialogue", "features"),
-        image_root=image_root(),
-        # Not an output: Snakemake would delete it on failure, and resuming needs it.
-        checkpoints=out("joint/checkpoints"),
-    resources:
-        gpu=1,
-    threads: 2
     log:
         out("logs/train_joint.log"),
     benchmark:
         out("benchmarks/train_joint.tsv")
     conda:
         "../envs/train.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        cfg=stage_config("questioner", "joint", "dialogue", "features"),
+        image_root=image_root(),
+        # Not an output: Snakemake would delete it on failure, and resuming needs it.
+        checkpoints=out("joint/checkpoints"),
     shell:
         "llava-reid --nproc {resources.gpu} train-joint --config {params.cfg:q}"
         " --model {input.model} --adapter {input.adapter} --selector {input.selector}"
