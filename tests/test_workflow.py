@@ -107,7 +107,7 @@ def test_dialogues_record_what_the_questioner_saw(workflow):
 def test_parquet_artifacts_open_everywhere(workflow):
     run = workflow["run"]
     conv = run / "prepare/conversations.parquet"
-    n = duckdb.sql(f"SELECT count(*) FROM '{conv}'").fetchone()[0]
+    n = duckdb.sql(f"SELECT count(*) FROM '{conv}'").fetchall()[0][0]
     assert n == len(pd.read_parquet(conv)) > 0
     meta = read_metadata(run / "eval/questioner/dialogues.parquet")
     assert meta["kind"] == "dialogues" and meta["producer"] == "merge-eval"

@@ -3,7 +3,7 @@
 Each identity is a unique set of attributes (llava_reid.data.attributes); each of its images is
 the same person seen by a different "camera": background, light, scale, position, limb pose,
 mirror and sensor noise change, the clothes do not. Records carry a vague initial description
-(gender + one or two garment facts, so it matches many people), a full fine-grained
+(gender + two garment facts, so it matches several people), a full fine-grained
 description and question/answer pairs about what the initial description left out.
 
 Everything derives from the config's seed (numpy generators keyed by seed, split, identity

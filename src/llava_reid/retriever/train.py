@@ -183,7 +183,7 @@ def train_step(model, batch, tokenize, mask_cfg, weights, temperature, accelerat
         logits = net.cross_former(net.text_tokens(masked, attn), image_tokens, attn == 0)
         losses["mlm"] = mlm_loss(logits.float(), labels)
     total = sum(weights[k] * v for k, v in losses.items())
-    return total, {k: float(v) for k, v in losses.items()}
+    return total, {k: float(v.detach()) for k, v in losses.items()}
 
 
 def run(

@@ -154,7 +154,9 @@ class Selector(nn.Module):
         images = feats * scale + self.modality.weight[1]  # [B, W, D]
         tokens = torch.cat([text, images], dim=1)  # [B, 1 + W, D]
         padding = torch.cat([keep.new_zeros(batch, 1), ~keep], dim=1)  # [B, 1 + W], True = pad
-        hidden = self.encoder(tokens, src_key_padding_mask=padding)  # [B, 1 + W, D]
+        # Without padding (a batch of one round after the cut) skip the mask: SDPA then takes
+        # its fused kernels instead of the masked reference path.
+        hidden = self.encoder(tokens, src_key_padding_mask=padding if padding.any() else None)
         logits = self.head(hidden[:, 1:]).squeeze(-1).float()  # [B, W]
         if self._config["retrieval_prior"]:
             # fp32 even under bf16 autocast: neighbouring ranks differ by ~1e-3 in cosine.
