@@ -75,8 +75,18 @@ def all_targets():
 
 # -- evaluation -----------------------------------------------------------------------------
 
-EVAL_CHUNKS = config["evaluate"]["chunks"]
 QUESTIONER_METHODS = ("questioner", "selector")
+
+
+def eval_chunks(wildcards):
+    """A method's evaluation chunks: eval/{method}/chunks/{i}-of-{n}.parquet, i < n."""
+    n = config["evaluate"]["chunks"]
+    return expand(
+        out("eval/{method}/chunks/{i}-of-{n}.parquet"),
+        method=wildcards.method,
+        i=range(n),
+        n=n,
+    )
 
 
 def method_models(wildcards):

@@ -39,11 +39,7 @@ rule evaluate:
 
 rule merge_eval:
     input:
-        chunks=expand(
-            out("eval/{{method}}/chunks/{i}-of-{n}.parquet"),
-            i=range(EVAL_CHUNKS),
-            n=EVAL_CHUNKS,
-        ),
+        chunks=eval_chunks,
         gallery=out("features/test_gallery.parquet"),
         queries=out("features/test_queries.parquet"),
     output:

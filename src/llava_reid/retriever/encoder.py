@@ -27,6 +27,7 @@ def write_settings(folder: str | Path, rcfg: dict) -> None:
         "image_width": rcfg["image_width"],
         "text_length": rcfg["text_length"],
         "temperature": rcfg["temperature"],
+        "image_pooling": rcfg["image_pooling"],
     }
     (Path(folder) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -52,7 +53,8 @@ class RetrieverEncoder:
         settings = json.loads(settings_path.read_text())
         dev = resolve_device(device)
         clip = load_clip(folder, dtype=default_dtype(dev))
-        model = Retriever(clip, num_classes=0, with_mlm=False).to(dev)
+        model = Retriever(clip, num_classes=0, with_mlm=False,
+                          image_pooling=settings.get("image_pooling", "cls")).to(dev)
         return cls(model, load_tokenizer(folder), settings, dev)
 
     @property

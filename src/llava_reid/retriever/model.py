@@ -96,10 +96,14 @@ class Retriever(nn.Module):
         mlm_layers: int = 1,
         temperature: float = 0.02,
         with_mlm: bool = True,
+        image_pooling: str = "cls",
     ):
         super().__init__()
+        if image_pooling not in ("cls", "mean"):
+            raise ValueError(f"image_pooling must be 'cls' or 'mean', got {image_pooling!r}")
         self.clip = clip
         self.temperature = temperature
+        self.image_pooling = image_pooling
         dim = clip.config.projection_dim
         self.classifier = nn.Linear(dim, num_classes) if num_classes > 0 else None
         heads = max(1, dim // 64)
@@ -124,8 +128,13 @@ class Retriever(nn.Module):
         out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         return self.clip.text_projection(out.last_hidden_state)
 
+    def pool_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The image feature: the CLS token (CLIP, IRRA), or the mean of the patch tokens,
+        which a tiny tower trained from scratch learns from much sooner."""
+        return tokens[:, 0] if self.image_pooling == "cls" else tokens[:, 1:].mean(dim=1)
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.image_tokens(pixel_values)[:, 0]
+        return self.pool_image(self.image_tokens(pixel_values))
 
     def encode_text(self, input_ids, attention_mask) -> torch.Tensor:
         tokens = self.text_tokens(input_ids, attention_mask)

@@ -163,7 +163,7 @@ def train_step(model, batch, tokenize, mask_cfg, weights, temperature, accelerat
     ids, attn = (t.to(device) for t in tokenize(texts))
     net = accelerator.unwrap_model(model)
     image_tokens = net.image_tokens(pixels)
-    image_feats = image_tokens[:, 0]
+    image_feats = net.pool_image(image_tokens)
     text_feats = net.encode_text(ids, attn)
     losses = {}
     if weights["sdm"] > 0:
@@ -219,6 +219,7 @@ def run(
         mlm_layers=rcfg["mlm_layers"],
         temperature=rcfg["temperature"],
         with_mlm=weights["mlm"] > 0,
+        image_pooling=rcfg["image_pooling"],
     )
     tokenize = QueryTokenizer(tokenizer, rcfg["text_length"])
     mask_cfg = {
@@ -324,4 +325,5 @@ def run(
 
 
 def _settings(rcfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: rcfg[k] for k in ("image_height", "image_width", "text_length", "temperature")}
+    keys = ("image_height", "image_width", "text_length", "temperature", "image_pooling")
+    return {k: rcfg[k] for k in keys}
