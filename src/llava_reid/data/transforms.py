@@ -69,8 +69,13 @@ class RetrieverTransform:
     def __init__(self, height: int, width: int, train: bool, pad: int = 10):
         self.height, self.width, self.train, self.pad = height, width, train, pad
 
+    def resize(self, img: Image.Image) -> Image.Image:
+        """The deterministic part: RGB at (height, width). Cacheable per image."""
+        return img.convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC)
+
     def __call__(self, img: Image.Image, g: torch.Generator | None = None) -> torch.Tensor:
-        img = img.convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC)
+        if img.size != (self.width, self.height) or img.mode != "RGB":
+            img = self.resize(img)
         x = to_tensor(img)
         if not self.train:
             return x

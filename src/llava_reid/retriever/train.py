@@ -46,6 +46,11 @@ def _derived_seed(*parts: int) -> int:
     return h
 
 
+# Decoded, resized training images are kept in memory up to this many bytes (the embedded
+# default's set is ~12 MB); larger sets are read from disk every epoch.
+IMAGE_CACHE_BYTES = 2 << 30
+
+
 class PairDataset(Dataset):
     """Training pairs: (augmented image, fine-grained description, class id, pid)."""
 
@@ -55,6 +60,19 @@ class PairDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        per_image = 3 * transform.height * transform.width
+        self._cache: dict[int, Image.Image] | None = (
+            {} if per_image * len(self.rows) <= IMAGE_CACHE_BYTES else None
+        )
+
+    def _image(self, i: int) -> Image.Image:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        with Image.open(self.image_root / self.rows.file_path.iloc[i]) as img:
+            resized = self.transform.resize(img)
+        if self._cache is not None:
+            self._cache[i] = resized
+        return resized
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,8 +80,7 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int):
         row = self.rows.iloc[i]
         g = torch.Generator().manual_seed(_derived_seed(self.seed, self.epoch, i))
-        with Image.open(self.image_root / row.file_path) as img:
-            pixels = self.transform(img, g)
+        pixels = self.transform(self._image(i), g)
         return pixels, row.fine_grained_description, int(row.class_id), int(row.pid)
 
 
