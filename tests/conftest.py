@@ -33,6 +33,7 @@ def small_config() -> dict:
     r["tiny"].update(embed_dim=32, hidden_size=32, vision_layers=1, text_layers=1, heads=2,
                      vocab_size=400)
     r.update(epochs=3, batch_size=16, warmup_epochs=1, text_length=48)
+    r["losses"]["mlm"] = 0.5  # every retriever loss is exercised
     q = cfg["questioner"]
     q["tiny"].update(hidden_size=32, intermediate_size=64, layers=1, heads=2, kv_heads=1,
                      vocab_size=400, vision_hidden_size=16, vision_layers=1, vision_heads=2,

@@ -143,3 +143,27 @@ def test_stretch_text_context_interpolates_positions():
     ids = torch.ones(1, 13, dtype=torch.long)
     out = model.text_model(input_ids=ids)
     assert out.last_hidden_state.shape == (1, 13, 16)
+
+
+def test_text_views_mix_full_initial_and_partial_descriptions():
+    import torch
+
+    from llava_reid.retriever.train import sample_text_view
+
+    fine = "I saw a man. He wore a red top. His shoes were white. He carried a bag."
+    initial = "I saw a man in red."
+    g = torch.Generator().manual_seed(0)
+    views = [sample_text_view(fine, initial, {"initial": 0.2, "partial": 0.3}, g)
+             for _ in range(600)]
+    n_initial = views.count(initial)
+    n_full = views.count(fine)
+    partial = [v for v in views if v not in (fine, initial)]
+    assert 80 < n_initial < 160  # ~20 %
+    assert 120 < len(partial) < 240 and n_full > 240  # ~30 % partial (some keep all), ~50 %
+    for v in partial:  # ordered subsets of the sentences, never empty
+        sentences = [s.strip() + "." for s in v.split(".") if s.strip()]
+        assert sentences and all(s in fine for s in sentences)
+        assert [fine.index(s) for s in sentences] == sorted(fine.index(s) for s in sentences)
+    off = torch.Generator().manual_seed(0)
+    assert {sample_text_view(fine, initial, {"initial": 0.0, "partial": 0.0}, off)
+            for _ in range(50)} == {fine}

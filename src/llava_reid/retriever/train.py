@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -54,8 +55,10 @@ IMAGE_CACHE_BYTES = 2 << 30
 class PairDataset(Dataset):
     """Training pairs: (augmented image, fine-grained description, class id, pid)."""
 
-    def __init__(self, rows: pd.DataFrame, image_root: Path, transform, seed: int):
+    def __init__(self, rows: pd.DataFrame, image_root: Path, transform, seed: int,
+                 text_views: dict[str, float] | None = None):
         self.rows = rows.reset_index(drop=True)
+        self.text_views = text_views or {"initial": 0.0, "partial": 0.0}
         self.image_root = image_root
         self.transform = transform
         self.seed = seed
@@ -81,7 +84,30 @@ class PairDataset(Dataset):
         row = self.rows.iloc[i]
         g = torch.Generator().manual_seed(_derived_seed(self.seed, self.epoch, i))
         pixels = self.transform(self._image(i), g)
-        return pixels, row.fine_grained_description, int(row.class_id), int(row.pid)
+        text = sample_text_view(row.fine_grained_description, row.initial_description,
+                                self.text_views, g)
+        return pixels, text, int(row.class_id), int(row.pid)
+
+
+_SENTENCES = re.compile(r"[^.!?]+[.!?]+")
+
+
+def sample_text_view(fine: str, initial: str, views: dict[str, float],
+                     g: torch.Generator) -> str:
+    """The text paired with an image: the fine-grained description, or with probability
+    ``views["initial"]`` the initial description, or with probability ``views["partial"]`` a
+    random ordered subset of the fine-grained description's sentences. Dialogue queries are
+    partial descriptions, so the text tower learns to rank from partial ones too."""
+    u = float(torch.rand((), generator=g))
+    if u < views["initial"]:
+        return initial
+    if u < views["initial"] + views["partial"]:
+        sentences = _SENTENCES.findall(fine) or [fine]
+        keep = torch.rand(len(sentences), generator=g) < 0.5
+        if not bool(keep.any()):
+            keep[int(torch.randint(len(sentences), (), generator=g))] = True
+        return " ".join(s.strip() for s, k in zip(sentences, keep.tolist(), strict=True) if k)
+    return fine
 
 
 def _collate(batch):
@@ -270,7 +296,7 @@ def run(
     transform = RetrieverTransform(rcfg["image_height"], rcfg["image_width"], train=rcfg["augment"])
     if not rcfg["augment"]:
         transform.train = False
-    dataset = PairDataset(train_rows, image_root, transform, seed)
+    dataset = PairDataset(train_rows, image_root, transform, seed, rcfg["text_views"])
     num_workers = rcfg.get("num_workers", 0)
 
     for epoch in range(state["epoch"] + 1, rcfg["epochs"] + 1):
