@@ -158,3 +158,57 @@ def test_snakemake_report(workflow):
 def test_nothing_left_to_do_and_forcerun_one_stage(workflow):
     dry = _snakemake(workflow["work"], workflow["cfg_file"], "--dry-run")
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def _interrupt_after_checkpoint(args: list[str], cfg: dict, checkpoints: Path, timeout=600):
+    """Start a training stage, kill it once its first resumable checkpoint exists."""
+    import json as _json
+    import time as _time
+
+    cmd = [sys.executable, "-m", "llava_reid.cli", args[0], "--config", _json.dumps(cfg),
+           *args[1:]]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = _time.time() + timeout
+    while not (checkpoints / "last" / "state.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert _time.time() < deadline, "no checkpoint appeared"
+        _time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("stage", ["train-questioner", "train-joint"])
+def test_training_resumes_after_interruption(workflow, tmp_path, stage):
+    """Killed after its first checkpoint and rerun, a stage ends with the same loss curve as
+    an uninterrupted run (every random draw derives from seed, epoch and step)."""
+    run, cfg = workflow["run"], workflow["cfg"]
+    common = ["--model", str(run / "models/questioner_tiny"),
+              "--conversations", str(run / "prepare/conversations.parquet"),
+              "--visual-tokens", str(run / "questioner/visual_tokens/train.safetensors"),
+              "--annotations", str(run / "data/annotations.parquet"),
+              "--image-root", str(run / "data/synthetic")]
+    if stage == "train-joint":
+        common += ["--adapter", str(run / "questioner/adapter"),
+                   "--selector", str(run / "selector/warmup.safetensors"),
+                   "--gallery", str(run / "features/train_gallery.parquet"),
+                   "--retriever", str(run / "retriever/model")]
+
+    def outputs(folder: Path) -> list[str]:
+        if stage == "train-joint":
+            return ["--out-adapter", str(folder / "adapter"),
+                    "--out-selector", str(folder / "selector.safetensors"),
+                    "--metrics", str(folder / "metrics.json"),
+                    "--checkpoints", str(folder / "ck")]
+        return ["--out", str(folder / "adapter"), "--metrics", str(folder / "metrics.json"),
+                "--checkpoints", str(folder / "ck")]
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    llava_reid(stage, *common, *outputs(whole), cfg=cfg)
+    _interrupt_after_checkpoint([stage, *common, *outputs(resumed)], cfg, resumed / "ck")
+    assert not (resumed / "metrics.json").exists()
+    proc = llava_reid(stage, *common, *outputs(resumed), cfg=cfg)
+    assert "resuming at epoch" in proc.stderr
+    a = json.loads((whole / "metrics.json").read_text())["history"]
+    b = json.loads((resumed / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in a] == [h["step"] for h in b]
+    assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], abs=1e-4)
