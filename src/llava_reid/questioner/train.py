@@ -127,6 +127,22 @@ class ImageTokens:
     def __init__(self, q: Questioner, cache: VisualTokenCache | None, paths: dict[int, Path]):
         self.q, self.cache, self.paths = q, cache, paths
 
+    @classmethod
+    def for_training(cls, q: Questioner, qcfg: dict[str, Any], visual_tokens: str,
+                     annotations: str, image_root: str) -> ImageTokens:
+        """The cache (checked against the model's visual weights) when the projector is
+        frozen; the training images when it trains."""
+        if not qcfg["train_projector"]:
+            cache = VisualTokenCache(visual_tokens, q.device)
+            cache.check_model(q)
+            return cls(q, cache, {})
+        from llava_reid.data.annotations import read_annotations
+
+        rows = read_annotations(annotations, split="train")
+        paths = {int(i): Path(image_root) / p
+                 for i, p in zip(rows.image_idx, rows.file_path, strict=True)}
+        return cls(q, None, paths)
+
     def __call__(self, image_ids: list[list[int]]) -> list[list[torch.Tensor]]:
         if self.cache is not None:
             return [self.cache.tokens(ids) for ids in image_ids]
@@ -200,18 +216,7 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
     examples = load_examples(conversations)
     train, held = split_holdout(examples, scfg["holdout"], seed)
     q = load_base(model, cfg, device)
-    cache = None
-    if not qcfg["train_projector"]:
-        cache = VisualTokenCache(visual_tokens, device)
-        cache.check_model(q)
-    paths = {}
-    if qcfg["train_projector"]:
-        from llava_reid.data.annotations import read_annotations
-
-        rows = read_annotations(annotations, split="train")
-        paths = {int(i): Path(image_root) / p for i, p in zip(rows.image_idx, rows.file_path,
-                                                               strict=True)}
-    tokens = ImageTokens(q, cache, paths)
+    tokens = ImageTokens.for_training(q, qcfg, visual_tokens, annotations, image_root)
 
     ckpt = ResumableCheckpoint(checkpoints, config_hash(
         {"questioner": qcfg, "dialogue": cfg["dialogue"], "seed": seed, "model": model,

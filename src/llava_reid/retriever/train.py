@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 import shutil
 import time
@@ -36,15 +34,9 @@ from llava_reid.retriever.encoder import RetrieverEncoder, write_settings
 from llava_reid.retriever.losses import id_loss, mask_tokens, mlm_loss, sdm_loss
 from llava_reid.retriever.model import QueryTokenizer, Retriever, load_clip, load_tokenizer
 from llava_reid.runtime import config_hash, resolve_device, seed_everything
+from llava_reid.training import ResumableCheckpoint, derived_seed, warmup_cosine
 
 log = logging.getLogger(__name__)
-
-
-def _derived_seed(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p)) % (2**62)
-    return h
 
 
 # Decoded, resized training images are kept in memory up to this many bytes (the embedded
@@ -82,7 +74,7 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int):
         row = self.rows.iloc[i]
-        g = torch.Generator().manual_seed(_derived_seed(self.seed, self.epoch, i))
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, i))
         pixels = self.transform(self._image(i), g)
         text = sample_text_view(row.fine_grained_description, row.initial_description,
                                 self.text_views, g)
@@ -129,16 +121,6 @@ def _param_groups(model: Retriever, rcfg: dict[str, Any]) -> list[dict[str, Any]
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int, warmup_factor: float = 0.1):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return warmup_factor + (1 - warmup_factor) * step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
 def evaluate_split(encoder: RetrieverEncoder, rows: pd.DataFrame, image_root: Path, bs: int):
     """f-* (fine-grained queries) and i-* (initial-description queries) metrics of a split."""
     gallery = encoder.encode_images([image_root / p for p in rows.file_path], bs)
@@ -151,40 +133,20 @@ def evaluate_split(encoder: RetrieverEncoder, rows: pd.DataFrame, image_root: Pa
     return out
 
 
-class Checkpoints:
-    """``last/`` (resume point) and ``best/`` (kept epoch) under one folder, tagged with the
-    config hash so a changed config never resumes from a stale run."""
-
-    def __init__(self, folder: str | Path, tag: str):
-        self.folder = Path(folder)
-        self.tag = tag
-
-    @property
-    def last(self) -> Path:
-        return self.folder / "last"
+class Checkpoints(ResumableCheckpoint):
+    """``last/`` (resume point: weights with heads, optimizer, schedule) and ``best/`` (the
+    kept epoch, in the ``save_pretrained`` layout) under one folder."""
 
     @property
     def best(self) -> Path:
         return self.folder / "best"
 
-    def load_state(self) -> dict[str, Any] | None:
-        meta = self.last / "state.json"
-        if not meta.exists():
-            return None
-        state = json.loads(meta.read_text())
-        if state.get("config_hash") != self.tag:
-            log.info("checkpoints in %s are from another config: starting over", self.folder)
-            shutil.rmtree(self.folder, ignore_errors=True)
-            return None
-        return state
-
-    def save(self, model: Retriever, optimizer, scheduler, state: dict[str, Any]) -> None:
-        with atomic_dir(self.last) as tmp:
+    def save_state(self, model: Retriever, optimizer, scheduler, state: dict[str, Any]) -> None:
+        def weights(tmp: Path) -> None:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                       str(tmp / "retriever.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({**state, "config_hash": self.tag}))
+
+        self.save(weights, optimizer, scheduler, state)
 
     def save_best(self, model: Retriever, tokenizer, rcfg: dict[str, Any]) -> None:
         with atomic_dir(self.best) as tmp:
@@ -194,9 +156,7 @@ class Checkpoints:
 
     def restore(self, model: Retriever, optimizer, scheduler) -> None:
         model.load_state_dict(load_file(str(self.last / "retriever.safetensors")))
-        opt = torch.load(self.last / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
+        self.restore_trainer(optimizer, scheduler)
 
 
 def train_step(model, batch, tokenize, mask_cfg, weights, temperature, accelerator, g):
@@ -282,7 +242,7 @@ def run(
     total_steps = steps_per_epoch * rcfg["epochs"]
     optimizer = torch.optim.Adam(_param_groups(model, rcfg), betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total_steps, steps_per_epoch * rcfg["warmup_epochs"])
+        optimizer, warmup_cosine(total_steps, steps_per_epoch * rcfg["warmup_epochs"], 0.1)
     )
     ckpt = Checkpoints(checkpoints, config_hash({"retriever": rcfg, "seed": seed, "init": init}))
     state = ckpt.load_state()
@@ -304,7 +264,7 @@ def run(
         model.train()
         dataset.epoch = epoch
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
-            _derived_seed(seed, epoch)))[: steps_per_epoch * per_process * world]
+            derived_seed(seed, epoch)))[: steps_per_epoch * per_process * world]
         shard = order.view(steps_per_epoch, world, per_process)[:, rank].reshape(-1).tolist()
         loader = DataLoader(
             torch.utils.data.Subset(dataset, shard),
@@ -316,7 +276,7 @@ def run(
         )
         sums: dict[str, float] = {}
         for step, batch in enumerate(loader):
-            g = torch.Generator().manual_seed(_derived_seed(seed, epoch, step, rank, 7))
+            g = torch.Generator().manual_seed(derived_seed(seed, epoch, step, rank, 7))
             with accelerator.autocast():
                 loss, parts = train_step(
                     model, batch, tokenize, mask_cfg, weights, rcfg["temperature"], accelerator, g
@@ -342,7 +302,7 @@ def run(
             record["seconds"] = round(time.time() - started, 1)
             state["history"].append(record)
             state["epoch"] = epoch
-            ckpt.save(net, optimizer, scheduler, state)
+            ckpt.save_state(net, optimizer, scheduler, state)
             log.info(
                 "epoch %d/%d loss %s val %s=%.2f (best %.2f @ %d) %.1fs",
                 epoch, rcfg["epochs"], losses, rcfg["select_metric"], score,

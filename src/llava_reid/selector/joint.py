@@ -33,7 +33,6 @@ from llava_reid.artifacts import atomic_dir, write_json
 from llava_reid.interact.gallery import Gallery
 from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
 from llava_reid.questioner.train import ImageTokens, attach_lora, load_base
-from llava_reid.questioner.visual_cache import VisualTokenCache
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.runtime import config_hash, resolve_device, seed_everything
 from llava_reid.selector.model import Selector
@@ -130,18 +129,7 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
     rounds = torch.tensor([e.round for e in examples], dtype=torch.long)
 
     q = load_base(model, cfg, device)
-    cache = None
-    if not qcfg["train_projector"]:
-        cache = VisualTokenCache(visual_tokens, device)
-        cache.check_model(q)
-    paths: dict[int, Path] = {}
-    if qcfg["train_projector"]:
-        from llava_reid.data.annotations import read_annotations
-
-        rows = read_annotations(annotations, split="train")
-        paths = {int(i): Path(image_root) / p
-                 for i, p in zip(rows.image_idx, rows.file_path, strict=True)}
-    tokens = ImageTokens(q, cache, paths)
+    tokens = ImageTokens.for_training(q, qcfg, visual_tokens, annotations, image_root)
 
     ckpt = ResumableCheckpoint(checkpoints, config_hash(
         {"questioner": qcfg, "joint": jcfg, "dialogue": dcfg, "seed": seed, "model": model,
