@@ -22,6 +22,24 @@ from llava_reid.artifacts import atomic_dir
 log = logging.getLogger(__name__)
 
 
+def make_accelerator(device_pref: str, grad_accum: int, seed: int):
+    """accelerate for a training stage: bf16 on CUDA, fp32 (and deterministic kernels) on CPU,
+    DDP when launched under torchrun; everything seeded."""
+    from accelerate import Accelerator
+
+    from llava_reid.runtime import resolve_device, seed_everything
+
+    device = resolve_device(device_pref)
+    accelerator = Accelerator(
+        cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no",
+        gradient_accumulation_steps=grad_accum,
+    )
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(seed)
+    return accelerator
+
+
 def derived_seed(*parts: int) -> int:
     h = 0
     for p in parts:

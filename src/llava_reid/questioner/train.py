@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 
@@ -35,8 +34,8 @@ from llava_reid.questioner.quality import well_formed_fraction
 from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
 from llava_reid.questioner.vision import visual_tokens
 from llava_reid.questioner.visual_cache import VisualTokenCache
-from llava_reid.runtime import config_hash, resolve_device, seed_everything
-from llava_reid.training import ResumableCheckpoint, epoch_shard, warmup_cosine
+from llava_reid.runtime import config_hash
+from llava_reid.training import ResumableCheckpoint, epoch_shard, make_accelerator, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +202,7 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
         annotations: str, image_root: str, out: str, metrics: str, checkpoints: str) -> None:
     qcfg, scfg, seed = cfg["questioner"], cfg["questioner"]["sft"], cfg["seed"]
     ncand = cfg["dialogue"]["num_candidates"]
-    device = resolve_device(cfg["device"])
-    accelerator = Accelerator(
-        cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no",
-        gradient_accumulation_steps=scfg["grad_accum"],
-    )
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(seed)
+    accelerator = make_accelerator(cfg["device"], scfg["grad_accum"], seed)
     device = accelerator.device
 
     examples = load_examples(conversations)

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from torch import nn
 
 from llava_reid.artifacts import atomic_dir, write_json
@@ -34,10 +33,16 @@ from llava_reid.interact.gallery import Gallery
 from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
 from llava_reid.questioner.train import ImageTokens, attach_lora, load_base
 from llava_reid.retriever.encoder import RetrieverEncoder
-from llava_reid.runtime import config_hash, resolve_device, seed_everything
+from llava_reid.runtime import config_hash
 from llava_reid.selector.model import Selector
 from llava_reid.selector.sampler import gumbel_topk, selectable_mask, temperature_at
-from llava_reid.training import ResumableCheckpoint, derived_seed, epoch_shard, warmup_cosine
+from llava_reid.training import (
+    ResumableCheckpoint,
+    derived_seed,
+    epoch_shard,
+    make_accelerator,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +110,7 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
         gallery: str, retriever: str, visual_tokens: str, annotations: str, image_root: str,
         out_adapter: str, out_selector: str, metrics: str, checkpoints: str) -> None:
     qcfg, jcfg, dcfg, seed = cfg["questioner"], cfg["joint"], cfg["dialogue"], cfg["seed"]
-    device = resolve_device(cfg["device"])
-    accelerator = Accelerator(
-        cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no",
-        gradient_accumulation_steps=jcfg["grad_accum"],
-    )
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(seed)
+    accelerator = make_accelerator(cfg["device"], jcfg["grad_accum"], seed)
     device = accelerator.device
 
     from llava_reid.artifacts import read_table
