@@ -115,12 +115,18 @@ class LookAheadOracle:
         return out
 
 
+def _norm(question: str) -> str:
+    return " ".join(question.lower().split()).rstrip("?")
+
+
 def template_for(seed: int, query_id: int, round_: int) -> int:
     return derived_seed(seed, query_id, round_, 1) % NUM_TEMPLATES
 
 
 class QuestionerAsker:
     """The trained questioner; candidates from plain top-k or from the selector."""
+
+    REDRAWS = 3
 
     def __init__(self, questioner, visual_cache, gallery: Gallery, generation, seed: int,
                  pool_size: int, num_candidates: int, batch_size: int, selector=None):
@@ -171,6 +177,31 @@ class QuestionerAsker:
         seeds = [derived_seed(self.seed, d.query_id, ctx.round, 2) for d in ctx.dialogues]
         result = generate_questions(self.q, prompts, image_ids, self.cache.tokens, seeds,
                                     self.generation, self.prefix_cache, self.batch_size)
+        questions = self.avoid_repeats(ctx, prompts, image_ids, result.questions)
         return [Asked(text, candidates=ids, seen=seen)
-                for text, ids, seen in zip(result.questions, image_ids, result.seen,
-                                           strict=True)]
+                for text, ids, seen in zip(questions, image_ids, result.seen, strict=True)]
+
+    def avoid_repeats(self, ctx: RoundContext, prompts, image_ids, questions: list[str]
+                      ) -> list[str]:
+        """A question the dialogue already asked wastes the round (the witness repeats the
+        same answer): redraw it, hotter and with a wider nucleus, up to ``REDRAWS`` times."""
+        from dataclasses import replace
+
+        from llava_reid.questioner.generate import generate_questions
+
+        questions = list(questions)
+        for attempt in range(1, self.REDRAWS + 1):
+            todo = [i for i, (d, q) in enumerate(zip(ctx.dialogues, questions, strict=True))
+                    if _norm(q) in {_norm(x) for x in d.questions}]
+            if not todo:
+                break
+            cfg = replace(self.generation, do_sample=True, top_p=0.95,
+                          temperature=self.generation.temperature * (1 + 0.5 * attempt))
+            seeds = [derived_seed(self.seed, ctx.dialogues[i].query_id, ctx.round, 2, attempt)
+                     for i in todo]
+            redrawn = generate_questions(self.q, [prompts[i] for i in todo],
+                                         [image_ids[i] for i in todo], self.cache.tokens,
+                                         seeds, cfg, self.prefix_cache, self.batch_size)
+            for i, text in zip(todo, redrawn.questions, strict=True):
+                questions[i] = text
+        return questions
