@@ -87,6 +87,35 @@ def test_questions_skip_what_the_initial_description_says():
             assert len(asked) == len(A.SLOTS) - len(facts)
 
 
+def test_configured_fact_sets_shape_the_initial_description():
+    three = [("upper_colour", "upper_type", "lower_type"),
+             ("upper_colour", "lower_colour", "lower_type")]
+    cfg = small_config()
+    cfg["data"]["synthetic"]["initial_facts"] = [list(f) for f in three]
+    records, jobs = synthetic.plan_dataset(cfg["data"]["synthetic"], cfg["seed"])
+    people = {rel: person for rel, person, _ in jobs}
+    for rec in records:
+        p = people[rec["file_path"]]
+        text = rec["initial_description"]
+        # Both sets name the upper colour and the lower garment; the rest of the outfit only
+        # in the questions.
+        assert p.upper_colour in text and p.lower_type in text, text
+        answers = " ".join(rec["answers"]).lower()
+        for slot in ("upper_colour", "lower_type"):
+            assert A.statement(p, slot)[:-1].lower() not in answers
+        assert len(rec["questions"]) == len(A.SLOTS) - 3
+
+
+@pytest.mark.parametrize("facts, message", [
+    (["lower_colour"], "lower_colour needs lower_type"),
+    (["upper_colour", "shoes"], "need distinct names"),
+    (["upper_type", "upper_type"], "need distinct names"),
+])
+def test_bad_fact_sets_are_refused(facts, message):
+    with pytest.raises(ValueError, match=message):
+        A.check_fact_set(facts)
+
+
 def test_answer_styles_all_occur(generated):
     _, _, records = generated
     answers = [a for r in records for a in r["answers"]]

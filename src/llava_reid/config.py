@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,19 @@ import jsonschema
 import yaml
 
 SCHEMA_NAME = "config.schema.yaml"
+
+
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float, as YAML 1.2 and JSON do (PyYAML follows
+    YAML 1.1, where a float needs a dot: ``1.0e-3``)."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
 
 
 class ConfigError(ValueError):
@@ -54,7 +68,11 @@ def load_config(value: str) -> dict[str, Any]:
         path = Path(value)
         if not path.exists():
             raise ConfigError(f"{path}: config file not found")
-        cfg, source = yaml.safe_load(path.read_text()), str(path)
+        text, source = path.read_text(), str(path)
+        try:
+            cfg = json.loads(text) if path.suffix == ".json" else yaml.load(text, _Yaml12FloatLoader)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from err
         if not isinstance(cfg, dict):
             raise ConfigError(f"{path}: config must be a mapping")
     validate_section(cfg, source)

@@ -141,15 +141,27 @@ def _a(noun_phrase: str) -> str:
 # ---------------------------------------------------------------------------------------
 # Descriptions
 
-# What an initial description says besides the gender: two garment facts. That matches a
-# handful of identities in a gallery of a few hundred (vague, as a witness's first words are),
-# so the initial query ranks the target first for a minority of queries and the dialogue has
-# something to win.
+# What an initial description may say besides the gender: garment facts. Two facts match a
+# handful of identities in a gallery of a few hundred (vague, as a witness's first words are);
+# three match one or two. The default draws each record's facts from these sets (config
+# ``data.synthetic.initial_facts`` overrides them).
+GARMENT_FACTS = ("upper_colour", "upper_type", "lower_colour", "lower_type")
 INITIAL_FACTS = (
     ("upper_colour", "upper_type"),
     ("upper_colour", "lower_type"),
     ("lower_colour", "lower_type"),
 )
+
+
+def check_fact_set(facts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A valid fact set for ``initial_description`` (a lower colour is said with its type)."""
+    unknown = [f for f in facts if f not in GARMENT_FACTS]
+    if not facts or unknown or len(set(facts)) != len(facts):
+        raise ValueError(f"initial facts {list(facts)}: need distinct names from "
+                         f"{list(GARMENT_FACTS)}")
+    if "lower_colour" in facts and "lower_type" not in facts:
+        raise ValueError(f"initial facts {list(facts)}: lower_colour needs lower_type")
+    return tuple(facts)
 
 
 def initial_description(p: Person, facts: tuple[str, ...], rng: np.random.Generator) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,11 +211,13 @@ def sample_identities(n: int, rng: np.random.Generator, taken: set[tuple]) -> li
 
 
 def make_record(person: Person, pid: int, split: str, file_path: str, n_questions: int,
-                rng: np.random.Generator, facts: tuple[str, ...] | None = None) -> dict[str, Any]:
+                rng: np.random.Generator, facts: tuple[str, ...] | None = None,
+                fact_sets: Sequence[tuple[str, ...]] = A.INITIAL_FACTS) -> dict[str, Any]:
     """One image's annotation record in the Interactive-PEDES shape; the initial description
-    gives ``facts`` (drawn at random when None) and the questions ask about the rest."""
+    gives ``facts`` (drawn from ``fact_sets`` when None) and the questions ask about the
+    rest."""
     if facts is None:
-        facts = A.INITIAL_FACTS[int(rng.integers(len(A.INITIAL_FACTS)))]
+        facts = fact_sets[int(rng.integers(len(fact_sets)))]
     known = A.slots_of(facts)
     slots = [s for s in A.SLOTS if s not in known]
     slots = [slots[i] for i in rng.permutation(len(slots))][:n_questions]
@@ -242,6 +245,7 @@ def plan_dataset(scfg: dict[str, Any], seed: int):
     total = sum(counts)
     # Non-contiguous, shuffled identity numbers: the loader maps them to class ids.
     pids = (rng.permutation(3 * total)[:total] + 1000).tolist()
+    fact_sets = [A.check_fact_set(f) for f in scfg.get("initial_facts", A.INITIAL_FACTS)]
     taken: set[tuple] = set()
     records, jobs = [], []
     start = 0
@@ -252,7 +256,8 @@ def plan_dataset(scfg: dict[str, Any], seed: int):
                 rel = f"images/{split}/{pid:05d}_c{cam}.png"
                 rec_rng = _rng(seed, 2, pid, cam)
                 records.append(make_record(person, pid, split, rel,
-                                           scfg["questions_per_image"], rec_rng))
+                                           scfg["questions_per_image"], rec_rng,
+                                           fact_sets=fact_sets))
                 jobs.append((rel, person, (seed, 3, pid, cam)))
         start += count
     return records, jobs
