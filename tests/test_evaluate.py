@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from llava_reid.artifacts import ArtifactError, write_table
 from llava_reid.cli import _relaunch_distributed
-from llava_reid.interact.askers import Dialogue, RandomAnnotated, RoundContext, template_for
+from llava_reid.interact.askers import (
+    Dialogue,
+    QuestionerAsker,
+    RandomAnnotated,
+    RoundContext,
+    template_for,
+)
 from llava_reid.interact.engine import advance
 from llava_reid.interact.evaluate import chunk_ids, restore, rows_table
 from llava_reid.interact.merge import merge_chunks
 from llava_reid.interact.query import append_answer, clean_answer
+from llava_reid.interact.repeats import content_words, is_repeat, overlap
+from llava_reid.questioner.generate import GenerationConfig, GenerationResult
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7, 12])
@@ -75,6 +85,52 @@ def test_random_asker_is_seeded_and_never_repeats():
     third = RandomAnnotated(seed=1).ask(RoundContext(2, [d], None, None, [5]))[0]
     assert third.question == "" and third.answer == ""  # nothing left to ask
     assert {template_for(0, q, r) for q in range(20) for r in range(5)} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("question, earlier, repeat", [
+    ("What colour were her hair?", ["What colour was her hair?"], True),
+    ("What shoes was he wearing?", ["What colour were his shoes?"], True),
+    ("Was he have a bag?", ["Is it raining?", "Was he wearing a bag?"], True),
+    ("Was her hair short or long? A) long B) black", ["Was her hair short or long?"], True),
+    ("Did she have long hair?", ["What colour was her hair?"], False),
+    ("What colour were his trousers?", ["What colour were his shoes?"], False),
+    ("Did he wear a hat?", [], False),
+])
+def test_repeats_are_judged_by_content_words(question, earlier, repeat):
+    assert is_repeat(question, earlier) is repeat
+
+
+def test_content_words_drop_function_words_and_letters():
+    assert content_words("Was she wearing a bag? A) red B) blue") == {"bag", "red", "blue"}
+    assert overlap("What colour was her bag?", "Was her bag red?") == pytest.approx(1 / 3)
+
+
+def test_questioner_redraws_repeats_and_keeps_the_least_repeating(monkeypatch):
+    import llava_reid.questioner.generate as gen
+
+    draws = iter([["Was she wearing a bag?", "What colour was her hair?"],  # 2nd is a repeat
+                  ["What colour were her hair?"],  # still a repeat
+                  ["Was her hair blonde?"]])  # no repeat: kept, no more draws
+    calls = []
+
+    def fake_generate(q, prompts, image_ids, tokens, seeds, cfg, prefix_cache, batch_size):
+        calls.append((len(prompts), cfg.top_p, cfg.temperature))
+        return GenerationResult(questions=next(draws), seen=[[] for _ in prompts])
+
+    monkeypatch.setattr(gen, "generate_questions", fake_generate)
+    asker = QuestionerAsker(questioner=None, visual_cache=SimpleNamespace(tokens=None),
+                            gallery=None,
+                            generation=GenerationConfig(max_new_tokens=8, do_sample=True,
+                                                        top_p=0.5, temperature=1.0),
+                            seed=0, pool_size=4, num_candidates=2, batch_size=8)
+    fresh, asked = _dialogue(), _dialogue()
+    asked.questions = ["What colour was her hair?"]
+    ctx = RoundContext(1, [fresh, asked], None, None, [5, 5])
+    first = next(draws)
+    out = asker.avoid_repeats(ctx, ["p0", "p1"], [[1], [2]], first)
+    assert out == ["Was she wearing a bag?", "Was her hair blonde?"]
+    # Only the repeating dialogue is redrawn, each time with a wider nucleus and hotter.
+    assert calls == [(1, 0.9, 1.25), (1, 0.9, 1.5)]
 
 
 def _chunk(tmp_path, name, ids, rounds=2):

@@ -2,8 +2,8 @@
 
 Each identity is a unique set of attributes (llava_reid.data.attributes); each of its images is
 the same person seen by a different "camera": background, light, scale, position, limb pose,
-mirror and sensor noise change, the clothes do not. Records carry a vague initial description
-(gender + two garment facts, so it matches several people), a full fine-grained
+mirror and sensor noise change, the clothes do not. Records carry a short initial description
+(the gender and a few garment facts, ``data.synthetic.initial_facts``), a full fine-grained
 description and question/answer pairs about what the initial description left out.
 
 Everything derives from the config's seed (numpy generators keyed by seed, split, identity

@@ -20,6 +20,7 @@ import torch
 
 from llava_reid.interact.gallery import Gallery
 from llava_reid.interact.oracle import best_next_answers
+from llava_reid.interact.repeats import REPEAT_OVERLAP, repeat_score
 from llava_reid.questioner.prompts import NUM_TEMPLATES, build_prompt
 from llava_reid.training import derived_seed
 
@@ -115,10 +116,6 @@ class LookAheadOracle:
         return out
 
 
-def _norm(question: str) -> str:
-    return " ".join(question.lower().split()).rstrip("?")
-
-
 def template_for(seed: int, query_id: int, round_: int) -> int:
     return derived_seed(seed, query_id, round_, 1) % NUM_TEMPLATES
 
@@ -126,7 +123,7 @@ def template_for(seed: int, query_id: int, round_: int) -> int:
 class QuestionerAsker:
     """The trained questioner; candidates from plain top-k or from the selector."""
 
-    REDRAWS = 3
+    REDRAWS = 4
 
     def __init__(self, questioner, visual_cache, gallery: Gallery, generation, seed: int,
                  pool_size: int, num_candidates: int, batch_size: int, selector=None):
@@ -183,25 +180,29 @@ class QuestionerAsker:
 
     def avoid_repeats(self, ctx: RoundContext, prompts, image_ids, questions: list[str]
                       ) -> list[str]:
-        """A question the dialogue already asked wastes the round (the witness repeats the
-        same answer): redraw it, hotter and with a wider nucleus, up to ``REDRAWS`` times."""
+        """A question about what the dialogue already asked (``interact.repeats``) wastes the
+        round: redraw it with a wider nucleus, a little hotter each time, up to ``REDRAWS``
+        times; keep the first draw that is no repeat, else the least repeating one."""
         from dataclasses import replace
 
         from llava_reid.questioner.generate import generate_questions
 
         questions = list(questions)
+        scores = [repeat_score(q, d.questions) for d, q in zip(ctx.dialogues, questions,
+                                                               strict=True)]
         for attempt in range(1, self.REDRAWS + 1):
-            todo = [i for i, (d, q) in enumerate(zip(ctx.dialogues, questions, strict=True))
-                    if _norm(q) in {_norm(x) for x in d.questions}]
+            todo = [i for i, score in enumerate(scores) if score >= REPEAT_OVERLAP]
             if not todo:
                 break
-            cfg = replace(self.generation, do_sample=True, top_p=0.95,
-                          temperature=self.generation.temperature * (1 + 0.5 * attempt))
+            cfg = replace(self.generation, do_sample=True, top_p=0.9,
+                          temperature=self.generation.temperature * (1 + 0.25 * attempt))
             seeds = [derived_seed(self.seed, ctx.dialogues[i].query_id, ctx.round, 2, attempt)
                      for i in todo]
             redrawn = generate_questions(self.q, [prompts[i] for i in todo],
                                          [image_ids[i] for i in todo], self.cache.tokens,
                                          seeds, cfg, self.prefix_cache, self.batch_size)
             for i, text in zip(todo, redrawn.questions, strict=True):
-                questions[i] = text
+                score = repeat_score(text, ctx.dialogues[i].questions)
+                if score < scores[i]:
+                    questions[i], scores[i] = text, score
         return questions

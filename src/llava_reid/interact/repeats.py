@@ -1,0 +1,46 @@
+"""When a question asks again what the dialogue already asked.
+
+A witness asked twice about the same thing gives the same answer, so the round is wasted. Exact
+text match misses most repeats of a small questioner ("What colour were her hair?" after "What
+colour was her hair?"; "What shoes was he wearing?" after "What colour were his shoes?"), so
+questions are compared by their content words: lower-cased words of three or more letters
+without the function words and verbs every question shares. Two questions are repeats when the
+Jaccard overlap of their content words reaches ``REPEAT_OVERLAP``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+REPEAT_OVERLAP = 0.5
+
+FUNCTION_WORDS = frozenset({
+    "about", "and", "any", "anything", "are", "can", "could", "did", "does", "for", "from",
+    "had", "has", "have", "her", "hers", "him", "his", "how", "like", "not", "one", "that",
+    "the", "their", "them", "there", "these", "they", "this", "those", "was", "wear",
+    "wearing", "were", "what", "whether", "which", "who", "with", "wore", "worn", "you",
+    "your", "she",
+})
+
+
+def content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in re.findall(r"[a-z]+", text.lower())
+                     if len(w) >= 3 and w not in FUNCTION_WORDS)
+
+
+def overlap(a: str, b: str) -> float:
+    """Jaccard overlap of two questions' content words (1.0 when both have none)."""
+    wa, wb = content_words(a), content_words(b)
+    if not wa and not wb:
+        return 1.0
+    return len(wa & wb) / len(wa | wb)
+
+
+def repeat_score(question: str, earlier: Iterable[str]) -> float:
+    """The largest overlap of ``question`` with an earlier question (0.0 with none)."""
+    return max((overlap(question, e) for e in earlier), default=0.0)
+
+
+def is_repeat(question: str, earlier: Iterable[str]) -> bool:
+    return repeat_score(question, earlier) >= REPEAT_OVERLAP
