@@ -40,7 +40,7 @@ def small_config() -> dict:
                      image_size=32, patch_size=8)
     q["lora"].update(rank=8, alpha=16)
     q["sft"].update(epochs=1, batch_size=16, checkpoint_every=5, eval_prompts=16)
-    q["generation"].update(max_new_tokens=12)
+    cfg["evaluate"]["generation"].update(max_new_tokens=12)
     cfg["dialogue"].update(rounds=3, pool_size=20)
     s = cfg["selector"]
     s.update(layers=1, heads=2, ffn=32)

@@ -7,7 +7,9 @@ chunks give the same merged metrics, that a stage resumes, and `snakemake --repo
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +160,17 @@ def test_snakemake_report(workflow):
 def test_nothing_left_to_do_and_forcerun_one_stage(workflow):
     dry = _snakemake(workflow["work"], workflow["cfg_file"], "--dry-run")
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_editing_generation_reruns_only_the_evaluation(workflow, tmp_path):
+    cfg = copy.deepcopy(workflow["cfg"])
+    cfg["evaluate"]["generation"]["top_p"] = 0.9
+    cfg_file = tmp_path / "generation.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    dry = _snakemake(workflow["work"], cfg_file, "--dry-run")
+    rules = set(re.findall(r"^(?:local)?rule (\w+):", dry.stdout, flags=re.MULTILINE))
+    assert "evaluate" in rules
+    assert rules <= {"evaluate", "merge_eval", "plots", "ranked_lists", "all"}, rules
 
 
 def _interrupt_after_checkpoint(args: list[str], cfg: dict, checkpoints: Path, timeout=600):

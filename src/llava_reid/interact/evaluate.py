@@ -104,7 +104,7 @@ def build_asker(method: str, cfg: dict[str, Any], encoder, gallery: Gallery,
         from llava_reid.selector import Selector
 
         selector = Selector.load(models["selector"], encoder.device)
-    g = qcfg["generation"]
+    g = cfg["evaluate"]["generation"]
     generation = GenerationConfig(max_new_tokens=g["max_new_tokens"], do_sample=g["do_sample"],
                                   top_p=g["top_p"], temperature=g["temperature"])
     return QuestionerAsker(questioner, cache, gallery, generation, seed, dcfg["pool_size"],
