@@ -23,20 +23,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
+from llava_reid.config import load_yaml  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def parse_value(text: str):
-    """JSON first (so 1e-3 is a number; YAML 1.1 reads it as a string), then YAML."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return yaml.safe_load(text)
 
 
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
@@ -49,7 +41,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             node = node[name]
         if leaf not in node:
             raise KeyError(f"override {item!r}: no key {key!r} in the config")
-        node[leaf] = parse_value(value)
+        node[leaf] = load_yaml(value)  # YAML 1.2 floats: 1e-3 is a number
     return cfg
 
 
@@ -93,7 +85,7 @@ def main() -> None:
     parser.add_argument("--name", default="retriever_sweep", help="results file name")
     args = parser.parse_args()
 
-    base = yaml.safe_load(Path(args.config).read_text())
+    base = load_yaml(Path(args.config).read_text())
     if args.device:
         base["device"] = args.device
     variants = {}
@@ -112,8 +104,7 @@ def main() -> None:
                 print(f"{name}: failed; log:\n" + (Path(tmp) / name / "log.txt").read_text()[-3000:])
     columns = list(rows[0]) if rows else []
     print_table(args.name, rows, columns)
-    write_results(args.name, {"device": base["device"], "variants": args.variant,
-                                      "rows": rows})
+    write_results(args.name, {"device": base["device"], "variants": args.variant, "rows": rows})
 
 
 if __name__ == "__main__":

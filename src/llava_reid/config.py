@@ -27,6 +27,11 @@ _Yaml12FloatLoader.add_implicit_resolver(
 )
 
 
+def load_yaml(text: str) -> Any:
+    """YAML with YAML 1.2 floats (``1e-3`` is a number)."""
+    return yaml.load(text, _Yaml12FloatLoader)
+
+
 class ConfigError(ValueError):
     """The config does not match the schema."""
 
@@ -70,7 +75,7 @@ def load_config(value: str) -> dict[str, Any]:
             raise ConfigError(f"{path}: config file not found")
         text, source = path.read_text(), str(path)
         try:
-            cfg = json.loads(text) if path.suffix == ".json" else yaml.load(text, _Yaml12FloatLoader)
+            cfg = json.loads(text) if path.suffix == ".json" else load_yaml(text)
         except (json.JSONDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from err
         if not isinstance(cfg, dict):

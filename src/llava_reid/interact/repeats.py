@@ -17,10 +17,9 @@ REPEAT_OVERLAP = 0.5
 
 FUNCTION_WORDS = frozenset({
     "about", "and", "any", "anything", "are", "can", "could", "did", "does", "for", "from",
-    "had", "has", "have", "her", "hers", "him", "his", "how", "like", "not", "one", "that",
-    "the", "their", "them", "there", "these", "they", "this", "those", "was", "wear",
-    "wearing", "were", "what", "whether", "which", "who", "with", "wore", "worn", "you",
-    "your", "she",
+    "had", "has", "have", "her", "hers", "him", "his", "how", "like", "not", "one", "she",
+    "that", "the", "their", "them", "there", "these", "they", "this", "those", "was", "wear",
+    "wearing", "were", "what", "whether", "which", "who", "with", "wore", "worn", "you", "your",
 })
 
 

@@ -21,15 +21,17 @@ from llava_reid.runtime import default_dtype, resolve_device
 SETTINGS_FILE = "retriever.json"
 
 
+SETTINGS_KEYS = ("image_height", "image_width", "text_length", "temperature", "image_pooling")
+
+
+def retriever_settings(rcfg: dict) -> dict:
+    """What encoding needs from the retriever config (input size, text context, pooling)."""
+    return {k: rcfg[k] for k in SETTINGS_KEYS}
+
+
 def write_settings(folder: str | Path, rcfg: dict) -> None:
-    settings = {
-        "image_height": rcfg["image_height"],
-        "image_width": rcfg["image_width"],
-        "text_length": rcfg["text_length"],
-        "temperature": rcfg["temperature"],
-        "image_pooling": rcfg["image_pooling"],
-    }
-    (Path(folder) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    text = json.dumps(retriever_settings(rcfg), indent=2) + "\n"
+    (Path(folder) / SETTINGS_FILE).write_text(text)
 
 
 class RetrieverEncoder:

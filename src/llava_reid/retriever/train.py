@@ -21,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
@@ -30,11 +29,16 @@ from llava_reid.artifacts import atomic_dir, write_json
 from llava_reid.data.annotations import read_annotations
 from llava_reid.data.transforms import RetrieverTransform
 from llava_reid.metrics import rank_metrics
-from llava_reid.retriever.encoder import RetrieverEncoder, write_settings
+from llava_reid.retriever.encoder import RetrieverEncoder, retriever_settings, write_settings
 from llava_reid.retriever.losses import id_loss, mask_tokens, mlm_loss, sdm_loss
 from llava_reid.retriever.model import QueryTokenizer, Retriever, load_clip, load_tokenizer
-from llava_reid.runtime import config_hash, resolve_device, seed_everything
-from llava_reid.training import ResumableCheckpoint, derived_seed, warmup_cosine
+from llava_reid.runtime import config_hash
+from llava_reid.training import (
+    ResumableCheckpoint,
+    derived_seed,
+    make_accelerator,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +204,7 @@ def run(
 ) -> None:
     rcfg, seed = cfg["retriever"], cfg["seed"]
     image_root = Path(image_root)
-    device = resolve_device(cfg["device"])
-    accelerator = Accelerator(
-        cpu=device.type == "cpu",
-        mixed_precision="bf16" if device.type == "cuda" else "no",
-    )
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(seed)
+    accelerator = make_accelerator(cfg["device"], 1, seed)
 
     table = read_annotations(annotations)
     train_rows = table[table.split == "train"]
@@ -254,10 +251,7 @@ def run(
 
     model, optimizer = accelerator.prepare(model, optimizer)
     transform = RetrieverTransform(rcfg["image_height"], rcfg["image_width"], train=rcfg["augment"])
-    if not rcfg["augment"]:
-        transform.train = False
     dataset = PairDataset(train_rows, image_root, transform, seed, rcfg["text_views"])
-    num_workers = rcfg.get("num_workers", 0)
 
     for epoch in range(state["epoch"] + 1, rcfg["epochs"] + 1):
         started = time.time()
@@ -271,7 +265,6 @@ def run(
             batch_size=per_process,
             shuffle=False,
             collate_fn=_collate,
-            num_workers=num_workers,
             drop_last=True,
         )
         sums: dict[str, float] = {}
@@ -293,7 +286,8 @@ def run(
         if accelerator.is_main_process:
             net = accelerator.unwrap_model(model)
             net.eval()
-            encoder = RetrieverEncoder(net, tokenizer, _settings(rcfg), accelerator.device)
+            encoder = RetrieverEncoder(net, tokenizer, retriever_settings(rcfg),
+                                       accelerator.device)
             record["val"] = evaluate_split(encoder, val_rows, image_root, rcfg["eval_batch_size"])
             score = record["val"][rcfg["select_metric"]]
             if state["best"] is None or score > state["best"]["score"]:
@@ -326,7 +320,3 @@ def run(
             shutil.copytree(ckpt.best, tmp, dirs_exist_ok=True)
         write_json(result, metrics)
 
-
-def _settings(rcfg: dict[str, Any]) -> dict[str, Any]:
-    keys = ("image_height", "image_width", "text_length", "temperature", "image_pooling")
-    return {k: rcfg[k] for k in keys}
