@@ -2,21 +2,25 @@
 
 Model: LLaVA-OneVision with Qwen2-7B + SigLIP-so400m-384 shapes, random bf16 weights.
 Prompt: the product's prompt (llava_reid.questioner.prompts) with 4 candidate images of a
-128x384 pedestrian crop (70 visual tokens each) and dialogue histories of 0-4 rounds.
+128x384 pedestrian crop (70 visual tokens each). Like the evaluation's lockstep engine, each
+batch holds dialogues at the same round: rounds 0..4 (0..4 earlier questions), texts of varied
+length.
 Every question is exactly ``--new-tokens`` tokens long in both paths (end-of-turn suppressed),
 so both do the same decoding work.
 
 (i)  the original's way: mini-batches of 4 dialogues; every call runs the vision tower and
      projector on its 16 images; full prompt prefill per call (no KV reuse); HF ``generate``.
 (ii) ours (the product's code path, llava_reid.questioner.generate): visual tokens cached once
-     per gallery image (timed separately, amortised over the gallery), all dialogues batched,
-     the shared prompt prefix's KV computed once, lockstep decoding.
+     per gallery image (timed separately, amortised over the gallery), all dialogues of a round
+     batched, the shared prompt prefix's KV computed once, length-sorted prefill into a
+     fixed-slot KV cache, lockstep decoding replayed as one CUDA graph per step; timed with
+     eager element-wise ops and with the product's fused RMSNorm/SiLU (questioner.fused).
 
 The roofline of each path is computed from the measured bf16 matmul peak and copy bandwidth:
 prefill (and vision) FLOPs at peak, plus per decode step max(FLOPs / peak, (weights + KV) bytes
 / bandwidth).
 
-    PYTHONPATH=src python3 bench/questioner_loop.py --dialogues 256 --original-dialogues 64
+    cd bench && PYTHONPATH=../src python3 questioner_loop.py --dialogues 256
 """
 
 from __future__ import annotations
@@ -45,19 +49,31 @@ from llava_reid.questioner.model import splice_images
 from llava_reid.questioner.prompts import NUM_TEMPLATES, build_prompt
 from llava_reid.questioner.vision import visual_tokens
 
-QUESTIONS = ["Was he carrying a bag?", "What colour were his shoes?", "Did she wear a hat?",
-             "What kind of top was he wearing?"]
-ANSWERS = ["Yes, he carried a black backpack.", "His shoes were white.",
-           "No, she did not wear a hat.", "He wore a blue jacket on top."]
-INITIAL = "I saw a man in a dark jacket and jeans walking near the entrance."
+# Dialogue texts of varied length (as real ones are), combined per dialogue.
+INITIALS = [
+    "I saw a man in a dark jacket and jeans.",
+    "I saw a woman with long hair in a white blouse and a black skirt near the entrance.",
+    "A young man wearing a grey hoodie, blue jeans and white sneakers, carrying a backpack.",
+    "I saw a woman in a red coat walking near the entrance with a brown handbag on her arm.",
+]
+QA = [("Was he carrying a bag?", "Yes, he carried a black backpack."),
+      ("What colour were his shoes?", "His shoes were white."),
+      ("Did she wear a hat?", "No, she did not wear a hat."),
+      ("What kind of top was he wearing?", "He wore a blue jacket over a striped shirt."),
+      ("How long was her hair?", "Her hair was long and tied back."),
+      ("Was the person wearing glasses?", "I don't know."),
+      ("What was the colour of the trousers?", "They were light grey trousers, quite loose."),
+      ("Did he hold anything in his hands?", "He held a phone in his right hand.")]
 
 
-def workload(n: int, gallery: int):
+def workload(n: int, round_: int, gallery: int):
+    """``n`` dialogues at round ``round_`` (that many earlier questions each), as the
+    evaluation's lockstep engine batches them: every prompt of a batch is at the same round."""
     prompts, image_ids = [], []
     for i in range(n):
-        r = i % 5
-        prompts.append(build_prompt(i % NUM_TEMPLATES, 4, INITIAL, QUESTIONS[:r][:4],
-                                    ANSWERS[:r][:4]))
+        history = [QA[(3 * i + k) % len(QA)] for k in range(round_)]
+        prompts.append(build_prompt(i % NUM_TEMPLATES, 4, INITIALS[i % len(INITIALS)],
+                                    [q for q, _ in history], [a for _, a in history]))
         image_ids.append([(4 * i + k) % gallery for k in range(4)])
     return prompts, image_ids
 
@@ -123,34 +139,28 @@ def original_way(q, prompts, image_ids, pixels, sizes, new_tokens: int) -> list[
     return out
 
 
-def profile(ours, q, prompts, image_ids, cache, seeds, prefix, args) -> None:
-    """Where path (ii)'s time goes: prefill-only vs full, and the top CUDA kernels."""
+def profile(run_ours) -> None:
+    """The top CUDA kernels of path (ii)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    one = GenerationConfig(max_new_tokens=1, min_new_tokens=1, do_sample=True, top_p=0.5)
-    prefill_s = wall_time(lambda: generate_questions(
-        q, prompts, image_ids, lambda ids: [cache[i] for i in ids], seeds, one, prefix,
-        args.batch))
-    full_s = wall_time(ours)
-    print(f"prefill+1 token {prefill_s:.2f}s, full {full_s:.2f}s "
-          f"-> decode {(full_s - prefill_s) / (args.new_tokens - 1) * 1000:.1f} ms/step")
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        ours()
+        run_ours()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                    max_name_column_width=60))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dialogues", type=int, default=256)
-    ap.add_argument("--original-dialogues", type=int, default=64)
+    ap.add_argument("--dialogues", type=int, default=256, help="dialogues per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--original-dialogues", type=int, default=12,
+                    help="dialogues per round for path (i)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--gallery", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--profile", action="store_true", help="profile path (ii) and exit")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time path (ii) after Questioner.compile_for_inference()")
+    ap.add_argument("--profile", action="store_true", help="also profile path (ii)")
     args = ap.parse_args()
     dev = device()
     peaks = measured_peaks(dev)
@@ -180,86 +190,90 @@ def main() -> None:
     cache_s = wall_time(build_cache)
     tokens_per_image = int(cache[0].shape[0])
 
-    prompts, image_ids = workload(args.dialogues, args.gallery)
-    lengths = [len(q.prefix_ids(p)) + len(q.prompt_ids(p, [tokens_per_image] * 4))
-               for p in prompts]
-    prefix_len = len(q.prefix_ids(prompts[0]))
+    rounds = [workload(args.dialogues, r, args.gallery) for r in range(args.rounds)]
+    n_ours = args.dialogues * args.rounds
+    lengths = [[len(q.prefix_ids(p)) + len(q.prompt_ids(p, [tokens_per_image] * 4))
+                for p in prompts] for prompts, _ in rounds]
+    prefix_len = len(q.prefix_ids(rounds[0][0][0]))
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                            do_sample=True, top_p=0.5)
+    prefill_only = GenerationConfig(max_new_tokens=1, min_new_tokens=1, do_sample=True,
+                                    top_p=0.5)
     seeds = list(range(args.dialogues))
     prefix = PrefixCache(q)
 
-    def ours():
-        return generate_questions(q, prompts, image_ids, lambda ids: [cache[i] for i in ids],
-                                  seeds, cfg, prefix, args.batch)
+    def ours(gen_cfg=cfg):
+        for prompts, image_ids in rounds:  # one lockstep batch per round, as the engine does
+            generate_questions(q, prompts, image_ids, lambda ids: [cache[i] for i in ids],
+                               seeds, gen_cfg, prefix, args.batch)
 
-    ours()  # warm-up (kernels, allocator, prefix KV)
-    ours_s = wall_time(ours)
-    if args.profile:
-        profile(ours, q, prompts, image_ids, cache, seeds, prefix, args)
-        return
+    def time_ours(label: str) -> dict:
+        ours()  # warm-up (kernels, allocator, prefix KV, compiled kernels)
+        seconds = wall_time(ours)
+        prefill_s = wall_time(lambda: ours(prefill_only))
+        decode_ms = (seconds - prefill_s) / (args.new_tokens - 1) / args.rounds * 1000
+        return {"path": label, "questions": n_ours, "batch": args.batch, "seconds": seconds,
+                "questions_per_s": n_ours / seconds, "prefill_s": prefill_s,
+                "decode_ms_per_step": decode_ms}
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
-        ours()
-        efficient_s = wall_time(ours)
-
-    compiled_s = None
-    if args.compile:  # regional compile of the decoder layers (not used by the product)
-        for layer in q.base.model.language_model.layers:
-            layer.compile(dynamic=True)
-        ours()  # compiles
-        ours()
-        compiled_s = wall_time(ours)
-
+    # (i) on a few dialogues per round, with the plain (unfused) model, as the original ran.
     n_orig = args.original_dialogues
-    original_way(q, prompts[:4], image_ids[:4], pixels, sizes, args.new_tokens)  # warm-up
-    orig_s = wall_time(lambda: original_way(q, prompts[:n_orig], image_ids[:n_orig], pixels,
-                                            sizes, args.new_tokens))
+    original_way(q, rounds[0][0][:4], rounds[0][1][:4], pixels, sizes, args.new_tokens)
 
-    vision_per_image = vision_flops_per_image(q)
-    roof_ours = roofline_seconds(args.dialogues, lengths, args.new_tokens, args.batch, params,
-                                 peaks, shared_prefix=prefix_len)
-    roof_orig = roofline_seconds(n_orig, lengths[:n_orig], args.new_tokens, 4, params, peaks,
-                                 vision_flops=16 * vision_per_image * math.ceil(n_orig / 4))
-    ours_qps, orig_qps = args.dialogues / ours_s, n_orig / orig_s
-    extra = [{"path": "(ii) ours, SDPA efficient/flash only", "questions": args.dialogues,
-              "batch": args.batch, "seconds": efficient_s,
-              "questions_per_s": args.dialogues / efficient_s,
-              "roofline_qps": args.dialogues / roof_ours, "of_roofline": roof_ours / efficient_s}]
-    if compiled_s is not None:
-        extra.append({"path": "(ii) ours, compiled", "questions": args.dialogues,
-                      "batch": args.batch, "seconds": compiled_s,
-                      "questions_per_s": args.dialogues / compiled_s,
-                      "roofline_qps": args.dialogues / roof_ours,
-                      "of_roofline": roof_ours / compiled_s})
-    rows = [
-        {"path": "(i) original way", "questions": n_orig, "batch": 4, "seconds": orig_s,
-         "questions_per_s": orig_qps, "roofline_qps": n_orig / roof_orig,
-         "of_roofline": roof_orig / orig_s},
-        {"path": "(ii) ours", "questions": args.dialogues, "batch": args.batch,
-         "seconds": ours_s, "questions_per_s": args.dialogues / ours_s,
-         "roofline_qps": args.dialogues / roof_ours, "of_roofline": roof_ours / ours_s},
-        *extra,
-    ]
-    if compiled_s is not None:
-        ours_qps = max(ours_qps, args.dialogues / compiled_s)
+    def original():
+        for prompts, image_ids in rounds:
+            original_way(q, prompts[:n_orig], image_ids[:n_orig], pixels, sizes,
+                         args.new_tokens)
+
+    orig_s = wall_time(original)
+
+    plain = time_ours("(ii) ours, eager element-wise")
+    q.fuse_language_model()
+    fused = time_ours("(ii) ours (product: fused RMSNorm/SiLU)")
+    if args.profile:
+        profile(ours)
+
+    roof_ours = sum(roofline_seconds(args.dialogues, lens, args.new_tokens, args.batch, params,
+                                     peaks, shared_prefix=prefix_len) for lens in lengths)
+    roof_prefill = sum(2 * params * (sum(lens) - prefix_len * len(lens))
+                       for lens in lengths) / (peaks["bf16_matmul_tflops"] * 1e12)
+    vision = vision_flops_per_image(q) * 16 * math.ceil(n_orig / 4)
+    roof_orig = sum(roofline_seconds(n_orig, lens[:n_orig], args.new_tokens, 4, params, peaks,
+                                     vision_flops=vision) for lens in lengths)
+    n_orig_total = n_orig * args.rounds
+    rows = [{"path": "(i) original way", "questions": n_orig_total, "batch": 4,
+             "seconds": orig_s, "questions_per_s": n_orig_total / orig_s,
+             "roofline_qps": n_orig_total / roof_orig, "of_roofline": roof_orig / orig_s}]
+    for r in (plain, fused):
+        r.update(roofline_qps=n_ours / roof_ours, of_roofline=roof_ours / r["seconds"],
+                 prefill_of_roofline=roof_prefill / r["prefill_s"])
+        rows.append(r)
+    best_qps = max(plain["questions_per_s"], fused["questions_per_s"])
+    orig_qps = n_orig_total / orig_s
+    all_lengths = [x for lens in lengths for x in lens]
     result = {
         "gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "peaks": peaks,
-        "lm_params": params, "prompt_tokens_mean": sum(lengths) / len(lengths),
+        "lm_params": params, "rounds": args.rounds,
+        "prompt_tokens_mean": sum(all_lengths) / len(all_lengths),
+        "prompt_tokens_mean_per_round": [sum(x) / len(x) for x in lengths],
         "shared_prefix_tokens": prefix_len, "visual_tokens_per_image": tokens_per_image,
-        "new_tokens": args.new_tokens, "paths": rows, "speedup_ii_over_i": ours_qps / orig_qps,
+        "new_tokens": args.new_tokens, "roofline_s": roof_ours,
+        "roofline_prefill_s": roof_prefill, "paths": rows,
+        "speedup_ii_over_i": fused["questions_per_s"] / orig_qps,
         "visual_cache": {"images": args.gallery, "seconds": cache_s,
                          "images_per_s": args.gallery / cache_s},
     }
     write_results("questioner_loop", result)
     print(f"{gpu_name()}: matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s, copy "
           f"{peaks['copy_gbps']:.0f} GB/s; prompt {result['prompt_tokens_mean']:.0f} tokens "
-          f"(shared prefix {prefix_len}), {tokens_per_image} visual tokens/image")
+          f"(shared prefix {prefix_len}), {tokens_per_image} visual tokens/image; "
+          f"roofline {roof_ours:.2f}s (prefill {roof_prefill:.2f}s)")
     print_table("questioner loop", rows, ["path", "questions", "batch", "seconds",
-                                          "questions_per_s", "roofline_qps", "of_roofline"])
-    print(f"speed-up (ii)/(i): {ours_qps / orig_qps:.1f}x; visual cache "
+                                          "questions_per_s", "roofline_qps", "of_roofline",
+                                          "prefill_s", "prefill_of_roofline",
+                                          "decode_ms_per_step"])
+    print(f"speed-up (ii, product)/(i): {result['speedup_ii_over_i']:.1f}x "
+          f"(best (ii) {best_qps / orig_qps:.1f}x); visual cache "
           f"{args.gallery / cache_s:.0f} images/s")
 
 

@@ -16,7 +16,8 @@ import torch
 from common import bench_tokenizer, device, gpu_name, real_size_questioner, write_results
 from PIL import Image
 
-from llava_reid.questioner.generate import GenerationConfig, generate_questions
+import llava_reid.questioner.generate as gen
+from llava_reid.questioner.generate import GenerationConfig, choose_tokens, generate_questions
 from llava_reid.questioner.model import Questioner
 from llava_reid.questioner.prompts import build_prompt
 
@@ -62,6 +63,61 @@ def main() -> None:
                              [0], GenerationConfig(max_new_tokens=24, min_new_tokens=24))
     torch.cuda.synchronize()
     timings["generate_24_tokens_s"] = time.perf_counter() - t
+
+    # Decode replayed as a CUDA graph must pick exactly the tokens eager decode picks (same
+    # kernels); the fused element-wise ops may move bf16 near-ties, so their agreement is
+    # reported, not asserted.
+    rounds = [build_prompt(i % 3, 4, "I saw a man in a dark jacket.", ["Was he carrying a bag?",
+                           "What colour were his shoes?"][: i % 3],
+                           ["Yes, he carried a black backpack.", "White."][: i % 3])
+              for i in range(6)]
+
+    def questions(graphs: bool) -> list[list[int]]:
+        """The token ids picked at every step (random weights decode to unreadable text)."""
+        picked = []
+
+        def recording(*args):
+            token = choose_tokens(*args)
+            picked.append(token.tolist())
+            return token
+
+        gen.choose_tokens = recording
+        try:
+            generate_questions(q, rounds, [[0, 1, 2, 3]] * 6,
+                               lambda ids: [tokens[i] for i in ids], list(range(6)),
+                               GenerationConfig(max_new_tokens=16, min_new_tokens=16,
+                                                do_sample=False, cuda_graphs=graphs))
+        finally:
+            gen.choose_tokens = choose_tokens
+        return [list(row) for row in zip(*picked, strict=True)]
+
+    def last_hidden() -> torch.Tensor:
+        with torch.no_grad():
+            embeds = q.inputs_embeds(batch).to(next(q.base.parameters()).dtype)
+            return q.base.model.language_model(
+                inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, use_cache=False).last_hidden_state.float()
+
+    plain_hidden = last_hidden()
+    eager, graphed = questions(False), questions(True)
+    if graphed != eager:
+        raise SystemExit(f"CUDA-graph decode differs from eager decode:\n{eager}\n{graphed}")
+    timings["graph_equals_eager_tokens"] = sum(map(len, eager))
+    q.fuse_language_model()
+    fused = questions(True)
+    fused_hidden = last_hidden()
+    q.base.float()  # fp32 reference (bf16 -> fp32 -> bf16 is exact for the weights)
+    reference = last_hidden()
+    q.base.to(torch.bfloat16)
+
+    def rel(x: torch.Tensor) -> float:
+        return float((x - reference).norm() / reference.norm())
+
+    timings["hidden_rel_error_vs_fp32_eager"] = rel(plain_hidden)
+    timings["hidden_rel_error_vs_fp32_fused"] = rel(fused_hidden)
+    timings["fused_token_agreement"] = sum(
+        a == b for x, y in zip(fused, eager, strict=True) for a, b in zip(x, y, strict=True)
+    ) / sum(map(len, eager))
     result = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"),
               "params_b": sum(p.numel() for p in q.net.parameters()) / 1e9,
               "visual_tokens_per_image": [int(x.shape[0]) for x in tokens],

@@ -831,6 +831,23 @@ def test_sglang_launch_health_answer_stop(tmp_path, monkeypatch):
     assert cache.exists()
 
 
+def test_sglang_api_key_starting_with_a_dash_reaches_the_server(tmp_path):
+    """argparse reads "--api-key -x" as a missing value; the key must be passed as one token."""
+    from llava_reid.answerer.sglang import SGLangServer
+
+    s = SGLangServer("m", port=0, gpu=None, launcher=STANDIN, api_key="-starts-with-a-dash",
+                     extra_args=["--ready-after", "0"], log_path=tmp_path / "dash.log")
+    try:
+        s.wait_ready(poll_s=0.05)
+        assert _health(s.base_url, "-starts-with-a-dash")["pid"] == s.proc.pid
+        assert "-starts-with-a-dash" not in s.log_path.read_text()
+    finally:
+        s.stop()
+    generated = [SGLangServer("m", port=1, gpu=None, log_path=tmp_path / "k.log").api_key
+                 for _ in range(64)]
+    assert all(not k.startswith("-") and len(k) >= 32 for k in generated)
+
+
 def test_sglang_server_exit_and_timeout_errors(tmp_path):
     from llava_reid.answerer.sglang import SGLangServer
 

@@ -95,14 +95,22 @@ def test_random_asker_is_seeded_and_never_repeats():
     ("Did she have long hair?", ["What colour was her hair?"], False),
     ("What colour were his trousers?", ["What colour were his shoes?"], False),
     ("Did he wear a hat?", [], False),
+    ("Was his hair blonde?", ["What colour was his hair?"], True),
+    ("Did she have short hair?", ["How long was her hair?"], True),
+    ("Was she wearing a bag?", ["What kind of bag did she carry, if any?"], True),
+    ("Was her bag red?", ["Was her hair long?", "What colour were her shoes?"], False),
+    ("Was she wearing a hat?", ["Did she have anything on her head?"], True),
+    ("Did he carry a backpack?", ["Did he wear sneakers?"], False),
 ])
 def test_repeats_are_judged_by_content_words(question, earlier, repeat):
     assert is_repeat(question, earlier) is repeat
 
 
-def test_content_words_drop_function_words_and_letters():
-    assert content_words("Was she wearing a bag? A) red B) blue") == {"bag", "red", "blue"}
-    assert overlap("What colour was her bag?", "Was her bag red?") == pytest.approx(1 / 3)
+def test_content_words_drop_function_words_and_name_attributes_for_values():
+    assert content_words("Was she wearing a bag? A) red B) blue") == {"<bag>", "<colour>"}
+    assert content_words("How long was his hair?") == {"hair", "<length>"}
+    assert overlap("What colour was her bag?", "Was her bag red?") == 1.0
+    assert overlap("Did she have long hair?", "What colour was her hair?") == pytest.approx(1 / 3)
 
 
 def test_questioner_redraws_repeats_and_keeps_the_least_repeating(monkeypatch):
@@ -110,7 +118,8 @@ def test_questioner_redraws_repeats_and_keeps_the_least_repeating(monkeypatch):
 
     draws = iter([["Was she wearing a bag?", "What colour was her hair?"],  # 2nd is a repeat
                   ["What colour were her hair?"],  # still a repeat
-                  ["Was her hair blonde?"]])  # no repeat: kept, no more draws
+                  ["Was her hair blonde?"],  # asks the hair colour again
+                  ["Was she wearing glasses?"]])  # no repeat: kept, no more draws
     calls = []
 
     def fake_generate(q, prompts, image_ids, tokens, seeds, cfg, prefix_cache, batch_size):
@@ -128,9 +137,9 @@ def test_questioner_redraws_repeats_and_keeps_the_least_repeating(monkeypatch):
     ctx = RoundContext(1, [fresh, asked], None, None, [5, 5])
     first = next(draws)
     out = asker.avoid_repeats(ctx, ["p0", "p1"], [[1], [2]], first)
-    assert out == ["Was she wearing a bag?", "Was her hair blonde?"]
+    assert out == ["Was she wearing a bag?", "Was she wearing glasses?"]
     # Only the repeating dialogue is redrawn, each time with a wider nucleus and hotter.
-    assert calls == [(1, 0.9, 1.25), (1, 0.9, 1.5)]
+    assert calls == [(1, 0.9, 1.125), (1, 0.9, 1.25), (1, 0.9, 1.375)]
 
 
 def _chunk(tmp_path, name, ids, rounds=2):

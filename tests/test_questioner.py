@@ -138,6 +138,30 @@ def test_batched_prefix_generation_equals_plain_greedy_decoding(questioner):
         assert text == clean_question(questioner.tokenizer.decode(out, skip_special_tokens=True))
 
 
+def test_prefill_in_blocks_of_rows_gives_the_same_questions(questioner):
+    """Rows are prefilled longest first in blocks padded to their own longest body; one
+    row per block must give what one block for all rows gives, in the caller's order."""
+    tokens = questioner.encode_images(_images(4))
+    histories = [(["Was he carrying a bag?"], ["No, he did not carry a bag."]), ([], []),
+                 (["What colour were his shoes?", "Did he wear a hat?"],
+                  ["His shoes were white.", "Yes, a black cap."])]
+    prompts = [build_prompt(i % NUM_TEMPLATES, 4, "I saw a man in red.", q, a)
+               for i, (q, a) in enumerate(histories)]
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=True, top_p=0.9)
+
+    def run(prefill_tokens):
+        return generate_questions(questioner, prompts, [[0, 1, 2, 3]] * 3,
+                                  lambda ids: [tokens[i] for i in ids], [5, 6, 7], cfg,
+                                  prefill_tokens=prefill_tokens).questions
+
+    one_block, row_blocks = run(None), run(1)
+    assert row_blocks == one_block
+    alone = [generate_questions(questioner, [p], [[0, 1, 2, 3]],
+                                lambda ids: [tokens[i] for i in ids], [s], cfg).questions[0]
+             for p, s in zip(prompts, [5, 6, 7], strict=True)]
+    assert one_block == alone
+
+
 def test_sampling_depends_on_the_row_seed_not_the_batch(questioner):
     tokens = questioner.encode_images(_images(4))
     prompts = [build_prompt(i % NUM_TEMPLATES, 4, "I saw a man.", [], []) for i in range(5)]
@@ -181,9 +205,10 @@ def test_prefix_cache_is_computed_once_and_right_aligned_per_row(questioner):
     assert mask[0].tolist() == [0] * (width - len(short)) + [1] * len(short)
     assert mask[1].sum() == len(long)
     keys = batch.layers[0].keys
-    assert keys.shape[0] == 3 and keys.shape[2] == width
-    assert torch.equal(keys[0, :, width - len(short):], cache.get(short).layers[0].keys[0])
-    assert torch.equal(keys[1, :, width - len(long):], cache.get(long).layers[0].keys[0])
+    assert keys.shape[0] == 3 and keys.shape[2] == 200  # every slot allocated up front
+    assert torch.equal(keys[0, :, width - len(short):width], cache.get(short).layers[0].keys[0])
+    assert torch.equal(keys[1, :, width - len(long):width], cache.get(long).layers[0].keys[0])
+    assert not keys[:, :, width:].any()
     assert cache.get(short).layers[0].keys.shape[0] == 1  # the shared copy is untouched
 
 
@@ -238,3 +263,47 @@ def test_question_quality_check():
     assert not is_well_formed("What colour were his shoes")
     assert not is_well_formed("shoes shoes shoes?")
     assert not is_well_formed("What is the weather like today?")
+
+
+def test_fused_elementwise_ops_compute_what_the_modules_compute(tiny_folder):
+    """questioner.fused swaps RMSNorm and the SiLU-gated MLP for compiled kernels (CUDA only
+    in the product); on CPU the same compiled functions must reproduce the modules."""
+    from llava_reid.questioner.fused import fuse_pointwise
+
+    q = Questioner.from_pretrained(tiny_folder, QCFG, "cpu")
+    assert q.fuse_language_model() == 0  # a no-op off CUDA
+    lm = q.base.model.language_model
+    ids = torch.randint(0, 300, (3, 11))
+    with torch.no_grad():
+        before = lm(input_ids=ids).last_hidden_state
+        # 2 layers x (2 norms + 1 MLP) + the final norm
+        assert fuse_pointwise(lm) == 7
+        after = lm(input_ids=ids).last_hidden_state
+    assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(before, torch.zeros_like(before))
+
+
+def test_generation_runs_sdpa_whatever_the_loaded_attention(tiny_folder):
+    """Generation passes boolean 4D masks, which only the SDPA path reads as given: a model
+    loaded with another attention (flash-attn 2 on GPUs) is switched for the call and back."""
+    q = Questioner.from_pretrained(tiny_folder, QCFG, "cpu")
+    tokens = q.encode_images(_images(4))
+    prompts = [build_prompt(0, 4, "I saw a man.", [], []),
+               build_prompt(1, 4, "I saw a woman.", ["Did she wear a hat?"], ["No."])]
+    cfg = GenerationConfig(max_new_tokens=5, do_sample=False)
+
+    def run():
+        return generate_questions(q, prompts, [[0, 1, 2, 3]] * 2,
+                                  lambda ids: [tokens[i] for i in ids], [0, 1], cfg).questions
+
+    expected = run()
+    config = q.base.model.language_model.config
+    config._attn_implementation = "eager"
+    seen = []
+    hook = q.base.model.language_model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args: seen.append(mod.config._attn_implementation))
+    try:
+        assert run() == expected
+    finally:
+        hook.remove()
+    assert set(seen) == {"sdpa"} and config._attn_implementation == "eager"

@@ -107,6 +107,28 @@ def test_changed_config_does_not_resume(trained, tmp_path):
     assert "another config" in again.stderr
 
 
+def test_rewritten_input_does_not_resume(trained, tmp_path):
+    """Snakemake reruns training when an input was rewritten at the same path (a retrained
+    upstream model, new data): that run must start over, not resume the old checkpoint."""
+    import os
+    import shutil
+
+    init = tmp_path / "init"
+    shutil.copytree(trained["init"], init)
+    cfg = json.loads(json.dumps(trained["cfg"]))
+    cfg["retriever"]["epochs"] = 1
+    args = _train_args(trained["data"], init, tmp_path / "e")
+    llava_reid(*args, cfg=cfg)
+    same = llava_reid(*args, cfg=cfg)
+    assert "resuming after epoch 1" in same.stderr  # untouched inputs: resume
+    config = init / "config.json"
+    config.write_text(config.read_text())  # rewritten: same path, new file
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    again = llava_reid(*args, cfg=cfg)
+    assert "resuming" not in again.stderr
+    assert "other input files" in again.stderr
+
+
 def test_cache_features_parquet(trained, tmp_path):
     data = trained["data"]
     gallery, queries = tmp_path / "test_gallery.parquet", tmp_path / "test_queries.parquet"

@@ -56,7 +56,9 @@ SCHEMAS: dict[str, list[tuple[str, Any]]] = {
         ("image_idx", pa.int32()),
         ("pid", pa.int64()),
         ("round", pa.int8()),  # 0-based; round r adds the r-th chosen answer
-        ("answer_index", pa.int16()),  # index into the image's questions/answers
+        ("answer_index", pa.int16()),  # the look-ahead's choice: index into the Q/A pairs
+        ("followed_index", pa.int16()),  # the answer the dialogue went on with
+        ("random_history", pa.bool_()),  # True: followed a random answer (not the choice)
         ("rank_before", pa.int32()),  # 1-based rank of the target before this round's answer
         ("rank_after", pa.int32()),  # ... and after it
     ],

@@ -7,9 +7,11 @@ config gives the same numbers on CPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -70,9 +72,32 @@ def epoch_shard(n: int, epoch: int, seed: int, world: int, rank: int, per_proces
     return [order[s, rank].tolist() for s in range(steps)]
 
 
+def inputs_fingerprint(*paths: str | Path | None) -> str:
+    """Identity of a stage's input files: every file's path, size and modification time.
+
+    Part of every checkpoint tag, next to the config: Snakemake reruns a training stage when
+    an input was rewritten (new data, a retrained upstream model) at the same path, and such a
+    run must start over, not resume from the last run's checkpoint; a rerun after an
+    interruption sees the very same files and resumes. Stat only, so cheap for big models."""
+    h = hashlib.sha256()
+    for path in paths:
+        if path is None:
+            continue
+        root = Path(path)
+        files = [root] if root.is_file() else sorted(
+            Path(d) / f for d, _, names in os.walk(root) for f in names)
+        h.update(f"{root}\0".encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(root) if f != root else ''}\0{st.st_size}\0"
+                     f"{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
 class ResumableCheckpoint:
     """``folder/last``: whatever the stage saves plus optimizer, scheduler and a JSON state,
-    tagged with the config hash so that a changed config starts over instead of resuming."""
+    tagged with a hash of the config and ``inputs_fingerprint`` so that a changed config or
+    rewritten inputs start over instead of resuming."""
 
     def __init__(self, folder: str | Path, tag: str):
         self.folder = Path(folder)
@@ -88,7 +113,8 @@ class ResumableCheckpoint:
             return None
         state = json.loads(meta.read_text())
         if state.get("config_hash") != self.tag:
-            log.info("checkpoint in %s is from another config: starting over", self.folder)
+            log.info("checkpoint in %s is from another config or other input files: starting over",
+                     self.folder)
             shutil.rmtree(self.folder, ignore_errors=True)
             return None
         return state

@@ -101,7 +101,9 @@ class SGLangServer:
         self.port = int(port) or free_port()
         self.gpu = gpu
         self.mem_fraction_static = float(mem_fraction_static)
-        self.api_key = api_key or secrets.token_urlsafe(24)
+        # hex, not urlsafe: a generated key starting with "-" made the server's argparse
+        # read it as an option ("--api-key: expected one argument").
+        self.api_key = api_key or secrets.token_hex(24)
         self.extra_args = [str(a) for a in extra_args]
         self.startup_timeout_s = float(startup_timeout_s)
         self.launcher = list(SGLANG_LAUNCHER if launcher is None else launcher)
@@ -120,7 +122,7 @@ class SGLangServer:
 
     def command(self) -> list[str]:
         return [*self.launcher, "--model-path", self.model_path, "--host", HOST,
-                "--port", str(self.port), "--api-key", self.api_key,
+                "--port", str(self.port), f"--api-key={self.api_key}",
                 "--mem-fraction-static", f"{self.mem_fraction_static:g}", *self.extra_args]
 
     def start(self) -> None:
@@ -138,7 +140,7 @@ class SGLangServer:
             env["CUDA_VISIBLE_DEVICES"] = cuda
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
-        shown = [("***" if i > 0 and cmd[i - 1] == "--api-key" else c) for i, c in enumerate(cmd)]
+        shown = ["--api-key=***" if c.startswith("--api-key=") else c for c in cmd]
         log.info("starting answerer server: %s (CUDA_VISIBLE_DEVICES=%s, log %s)",
                  " ".join(shown), cuda, self.log_path)
         with open(self.log_path, "ab") as logf:

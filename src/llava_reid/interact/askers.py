@@ -123,7 +123,7 @@ def template_for(seed: int, query_id: int, round_: int) -> int:
 class QuestionerAsker:
     """The trained questioner; candidates from plain top-k or from the selector."""
 
-    REDRAWS = 4
+    REDRAWS = 8
 
     def __init__(self, questioner, visual_cache, gallery: Gallery, generation, seed: int,
                  pool_size: int, num_candidates: int, batch_size: int, selector=None):
@@ -195,7 +195,7 @@ class QuestionerAsker:
             if not todo:
                 break
             cfg = replace(self.generation, do_sample=True, top_p=0.9,
-                          temperature=self.generation.temperature * (1 + 0.25 * attempt))
+                          temperature=self.generation.temperature * (1 + 0.125 * attempt))
             seeds = [derived_seed(self.seed, ctx.dialogues[i].query_id, ctx.round, 2, attempt)
                      for i in todo]
             redrawn = generate_questions(self.q, [prompts[i] for i in todo],

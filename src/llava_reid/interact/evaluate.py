@@ -96,6 +96,7 @@ def build_asker(method: str, cfg: dict[str, Any], encoder, gallery: Gallery,
     questioner = Questioner.from_pretrained(models["questioner"], qcfg, cfg["device"])
     questioner.load_adapter(models["adapter"], merge=True)
     questioner.net.eval()
+    questioner.fuse_language_model()
     cache = VisualTokenCache(models["visual_tokens"], questioner.device,
                              next(questioner.net.parameters()).dtype)
     cache.check_model(questioner)

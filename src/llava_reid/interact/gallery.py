@@ -62,6 +62,26 @@ class Gallery:
             out.append(torch.as_tensor(np.asarray(ranks), dtype=torch.long))
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
+    def target_ranks_and_margins(
+        self, query_feats: torch.Tensor, target_pids: torch.Tensor, chunk: int = 1024
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``target_ranks`` and, from the same similarities, each query's margin: its best
+        image of its identity minus its best image of any other identity [Q] (> 0 exactly
+        when the target ranks first)."""
+        ranks, margins = [], []
+        for s in range(0, len(query_feats), chunk):
+            sim = self.similarity(query_feats[s : s + chunk]).float()
+            pids = target_pids[s : s + chunk].to(self.device)
+            ranks.append(torch.as_tensor(np.asarray(target_ranks(sim, pids, self.pids)),
+                                         dtype=torch.long))
+            own = self.pids[None, :] == pids[:, None]
+            best_own = sim.masked_fill(~own, -torch.inf).max(dim=1).values
+            best_other = sim.masked_fill(own, -torch.inf).max(dim=1).values
+            margins.append((best_own - best_other).cpu())
+        if not ranks:
+            return torch.empty(0, dtype=torch.long), torch.empty(0)
+        return torch.cat(ranks), torch.cat(margins)
+
     def top_k(self, query_feats: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
         """Gallery rows of the top ``k`` images per query, best first [Q, k] (stable ties)."""
         k = min(k, len(self))

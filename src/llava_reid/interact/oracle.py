@@ -3,8 +3,12 @@
 Given a dialogue's current query and the answers it has not used yet, append each candidate
 answer (cleaned as in the query update), re-encode all candidate queries of all dialogues in
 one batched pass, rank each against the gallery, and keep the answer that puts the target
-highest. prepare_data uses it to label which question the questioner should have asked; the
-evaluation's "oracle" baseline uses it as an upper bound.
+highest; among answers that give the same rank, the one that widens the target's similarity
+margin over the best other identity most. (Ties are common once the target ranks first;
+breaking them by annotation order made "the first annotated question" the label of most late
+rounds, and a questioner trained on those labels asked it again and again.) prepare_data uses
+it to label which question the questioner should have asked; the evaluation's "oracle"
+baseline uses it as an upper bound.
 """
 
 from __future__ import annotations
@@ -62,12 +66,12 @@ def best_next_answers(
         return choices
     feats = encoder.encode_texts(texts, batch_size)
     pair_pids = target_pids[torch.tensor([i for i, _ in pairs])]
-    ranks = gallery.target_ranks(feats, pair_pids).tolist()
-    best: dict[int, tuple[int, int, str]] = {}
-    for (i, j), rank, text in zip(pairs, ranks, texts, strict=True):
-        # Strictly better only: among equal ranks the first annotated answer wins.
-        if i not in best or rank < best[i][1]:
-            best[i] = (j, rank, text)
-    for i, (j, rank, text) in best.items():
+    ranks, margins = (t.tolist() for t in gallery.target_ranks_and_margins(feats, pair_pids))
+    best: dict[int, tuple[int, int, float, str]] = {}
+    for (i, j), rank, margin, text in zip(pairs, ranks, margins, texts, strict=True):
+        # Strictly better only: on a full tie the first annotated answer wins.
+        if i not in best or (rank, -margin) < (best[i][1], -best[i][2]):
+            best[i] = (j, rank, margin, text)
+    for i, (j, rank, _, text) in best.items():
         choices[i] = Choice(j, rank, text)
     return choices

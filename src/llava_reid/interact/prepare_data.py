@@ -4,9 +4,18 @@ For every training image, up to ``dialogue.rounds`` look-ahead steps pick, among
 annotated answers not used yet, the one whose addition to the query ranks the target highest
 against the training gallery (cached features). Each step becomes one SFT example: the
 dialogue so far, the question whose answer was chosen as the target, a seeded prompt template
-and the top-N retrieval pool of the query so far. A seeded fraction of dialogues is
-duplicated with some history answers replaced by "I don't know." so the questioner learns not
-to repeat such questions.
+and the top-N retrieval pool of the query so far.
+
+Whose answers the dialogue goes on with: on a look-ahead dialogue, the chosen one's. A seeded
+fraction ``prepare.random_history`` of dialogues goes on with a random unused answer instead,
+while every step's target stays the look-ahead's choice. Look-ahead histories alone show the
+questioner only the states the oracle visits (the most useful fact always asked first); at
+evaluation its own questions lead elsewhere (measured: after a first question about shoes it
+almost never asked for the garment fact the first description had left out, the one fact worth
+most to the retriever). Random histories teach it what to ask from such states.
+
+A seeded fraction of dialogues is duplicated with some history answers replaced by "I don't
+know." so the questioner learns not to repeat such questions.
 
 Runs in one process, or sharded over processes when launched with torchrun (results are
 gathered on rank 0, which writes). The oracle's R@1 per round is logged.
@@ -26,7 +35,7 @@ import torch
 from llava_reid.artifacts import write_table
 from llava_reid.data.annotations import read_annotations
 from llava_reid.interact.gallery import Gallery
-from llava_reid.interact.oracle import best_next_answers
+from llava_reid.interact.oracle import best_next_answers, usable_answers
 from llava_reid.interact.query import append_answer
 from llava_reid.questioner.prompts import NUM_TEMPLATES
 from llava_reid.retriever.encoder import RetrieverEncoder
@@ -37,10 +46,19 @@ log = logging.getLogger(__name__)
 IDK = "I don't know."
 
 
+def follows_random(seed: int, image_idx: int, fraction: float) -> bool:
+    """Whether the image's dialogue goes on with random answers (seeded per image)."""
+    return fraction > 0 and np.random.default_rng([seed, 23, image_idx]).random() < fraction
+
+
 def plan_dialogues(encoder, gallery: Gallery, rows: pd.DataFrame, rounds: int,
-                   min_remaining: int, batch_size: int) -> list[dict[str, Any]]:
-    """Run the look-ahead for ``rows``; one plan record per (image, round) with a choice."""
-    pids = torch.as_tensor(rows.pid.to_numpy())
+                   min_remaining: int, batch_size: int, random_history: float = 0.0,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Run the look-ahead for ``rows``; one plan record per (image, round) with a choice:
+    ``answer_index`` is the look-ahead's choice (the SFT target), ``followed_index`` the answer
+    the dialogue went on with (the same on look-ahead dialogues)."""
+    pids = torch.as_tensor(rows.pid.to_numpy().copy())
+    randomly = [follows_random(seed, int(i), random_history) for i in rows.image_idx]
     queries = list(rows.initial_description)
     answers = [list(a) for a in rows.answers]
     used: list[set[int]] = [set() for _ in queries]
@@ -56,26 +74,44 @@ def plan_dialogues(encoder, gallery: Gallery, rows: pd.DataFrame, rounds: int,
             [used[i] for i in active], pids[active], [ranks[i] for i in active],
             min_remaining=min_remaining, batch_size=batch_size,
         )
-        still = []
+        still, rerank = [], []
         for i, choice in zip(active, choices, strict=True):
             if choice.answer_index < 0:
                 continue
+            image_idx = int(rows.image_idx.iloc[i])
+            followed = choice.answer_index
+            if randomly[i]:
+                options = usable_answers(queries[i], answers[i], used[i])
+                pick = np.random.default_rng([seed, 29, image_idx, r]).integers(len(options))
+                followed = options[int(pick)]
             plan.append({
-                "image_idx": int(rows.image_idx.iloc[i]), "pid": int(rows.pid.iloc[i]),
-                "round": r, "answer_index": choice.answer_index,
-                "rank_before": ranks[i], "rank_after": choice.rank,
+                "image_idx": image_idx, "pid": int(rows.pid.iloc[i]), "round": r,
+                "answer_index": choice.answer_index, "followed_index": followed,
+                "random_history": randomly[i], "rank_before": ranks[i],
+                "rank_after": choice.rank,
             })
-            used[i].add(choice.answer_index)
-            queries[i], ranks[i] = choice.query, choice.rank
+            used[i].add(followed)
+            if followed == choice.answer_index:
+                queries[i], ranks[i] = choice.query, choice.rank
+            else:
+                queries[i] = append_answer(queries[i], answers[i][followed])
+                rerank.append(i)
             still.append(i)
+        if rerank:  # the target's rank after the randomly followed answers
+            feats = encoder.encode_texts([queries[i] for i in rerank], batch_size)
+            for i, rank in zip(rerank, gallery.target_ranks(feats, pids[rerank]).tolist(),
+                               strict=True):
+                ranks[i] = rank
         active = still
     return plan
 
 
 def oracle_recall_per_round(plan: pd.DataFrame, n_images: int, rounds: int) -> list[float]:
-    """R@1 (%) of the oracle's query after each round; stopped dialogues keep their rank."""
-    if plan.empty:
+    """R@1 (%) of the oracle's query after each round over the ``n_images`` look-ahead
+    dialogues; stopped dialogues keep their rank."""
+    if plan.empty or n_images == 0:
         return []
+    plan = plan[~plan["random_history"]]
     first = plan[plan["round"] == 0].set_index("image_idx")["rank_before"]
     current = first.to_dict()
     out = [100.0 * sum(v == 1 for v in current.values()) / n_images]
@@ -99,8 +135,9 @@ def build_conversations(rows: pd.DataFrame, plan: pd.DataFrame, pcfg: dict[str, 
         if steps is None:
             continue
         chosen = steps.answer_index.tolist()
-        questions = [row.questions[j] for j in chosen]
-        answers = [row.answers[j] for j in chosen]
+        followed = steps.followed_index.tolist()
+        questions = [row.questions[j] for j in followed]
+        answers = [row.answers[j] for j in followed]
         variants = [(answers, False)]
         if rng.random() < pcfg["idk_duplicate_prob"]:
             flipped = [IDK if rng.random() < pcfg["idk_answer_prob"] else a for a in answers]
@@ -114,7 +151,7 @@ def build_conversations(rows: pd.DataFrame, plan: pd.DataFrame, pcfg: dict[str, 
                     "history_questions": questions[:r],
                     "history_answers": history_answers[:r],
                     "description": description,
-                    "target_question": questions[r], "target_answer_index": int(j),
+                    "target_question": row.questions[j], "target_answer_index": int(j),
                     "template_id": int(rng.integers(NUM_TEMPLATES)),
                     "idk_augmented": augmented,
                 })
@@ -142,7 +179,7 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     index = Gallery.from_parquet(gallery, encoder.device)
     shard = rows.iloc[rank::world]
     plan = plan_dialogues(encoder, index, shard, dcfg["rounds"], pcfg["min_remaining"],
-                          pcfg["batch_size"])
+                          pcfg["batch_size"], pcfg["random_history"], seed)
     if world > 1:
         parts: list[Any] = [None] * world
         torch.distributed.all_gather_object(parts, plan)
@@ -150,7 +187,9 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     if rank != 0:
         return
     plan_df = pd.DataFrame(plan).sort_values(["image_idx", "round"]).reset_index(drop=True)
-    recall = oracle_recall_per_round(plan_df, len(rows), dcfg["rounds"])
+    lookahead = sum(not follows_random(seed, int(i), pcfg["random_history"])
+                    for i in rows.image_idx)
+    recall = oracle_recall_per_round(plan_df, lookahead, dcfg["rounds"])
     log.info("oracle R@1 per round (initial, after each answer): %s",
              ", ".join(f"{v:.1f}" for v in recall))
 

@@ -5,10 +5,12 @@ All active dialogues of a batch are generated together:
 1. the shared prefix of each prompt template (system message + preamble; see
    llava_reid.questioner.prompts) is run once, and its KV cache is repeated over the rows that
    use that template;
-2. each row's own part (images, dialogue, instruction) is prefilled after it. Rows of
-   different lengths are padded BETWEEN the prefix and their own tokens, so the prefix stays
-   at positions 0..P-1 for every row and each row's tokens keep consecutive positions;
-3. decoding runs in lockstep until every row has emitted an end-of-turn token.
+2. each row's own part (images, dialogue, instruction) is prefilled after it, longest rows
+   first, in blocks padded to their own longest row. Padding sits BETWEEN the prefix and a
+   row's own tokens, so the prefix stays at positions 0..P-1 for every row, each row's tokens
+   keep consecutive positions, and every row's prompt ends at the same cache slot;
+3. decoding runs in lockstep into a fixed-slot KV cache until every row has emitted an
+   end-of-turn token; on CUDA each step replays one captured CUDA graph.
 
 Sampling is top-p (nucleus) over the softmax, drawn with the Gumbel-max trick from noise that
 is a hash of (row seed, step, token id): a row's question depends on its own seed only, never
@@ -19,7 +21,8 @@ dialogues.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -38,6 +41,7 @@ class GenerationConfig:
     do_sample: bool = True
     top_p: float = 0.5
     temperature: float = 1.0
+    cuda_graphs: bool = True  # on CUDA, replay each decode step as one captured graph
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -75,41 +79,57 @@ def choose_tokens(logits: torch.Tensor, cfg: GenerationConfig, seeds: torch.Tens
     return ids.gather(-1, scores.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
-class PreallocatedLayer(DynamicLayer):
-    """A KV cache layer written in place into buffers sized for the whole generation.
+@dataclass
+class WritePlan:
+    """Where the next forward pass writes its keys/values, shared by every cache layer.
 
-    transformers' DynamicLayer concatenates on every decode step, copying the whole cache each
-    time; here each step writes one slot and attention reads a view of the filled part."""
+    Prefill: rows ``rows`` of the batch, slots ``start ..`` (one slot per input token).
+    Decode: one token per row, written at the slot held by the device tensor ``slot``, so
+    that a CUDA graph captured once replays every step with the slot advanced in place."""
 
-    def __init__(self, capacity: int):
+    rows: slice = field(default_factory=lambda: slice(None))
+    start: int = 0
+    slot: torch.Tensor | None = None
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's KV cache in fixed [B, kv_heads, capacity, head_dim] buffers.
+
+    Nothing is ever reallocated or concatenated: prefill writes a block of slots for a block
+    of rows and attends over the slots before it; decode writes one slot (``index_copy_``)
+    and attends over the whole buffer, the explicit attention mask hiding empty slots. Fixed
+    shapes and addresses are what lets decode run as one replayed CUDA graph."""
+
+    def __init__(self, plan: WritePlan, shape: tuple[int, int, int, int], dtype, device):
         super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        b, h, _, d = key_states.shape
-        self._k = torch.empty((b, h, self.capacity, d), dtype=self.dtype, device=self.device)
-        self._v = torch.empty((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype,
-                              device=self.device)
-        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+        self.plan = plan
+        self.dtype, self.device = dtype, device
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.is_initialized = True
 
-    @torch.compiler.disable  # a Python-side write; keeps compiled layers free of length guards
+    def lazy_initialization(self, key_states, value_states) -> None:  # allocated up front
+        pass
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        if self.length + n > self.capacity:
-            raise RuntimeError(f"KV cache full: {self.length} + {n} > {self.capacity}")
-        self._k[:, :, self.length : self.length + n] = key_states
-        self._v[:, :, self.length : self.length + n] = value_states
-        self.length += n
-        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
-        return self.keys, self.values
+        plan = self.plan
+        if plan.slot is not None:
+            self.keys.index_copy_(2, plan.slot, key_states)
+            self.values.index_copy_(2, plan.slot, value_states)
+            return self.keys, self.values
+        end = plan.start + key_states.shape[-2]
+        if end > self.keys.shape[2]:
+            raise RuntimeError(f"KV cache full: writing slots {plan.start}..{end} of "
+                               f"{self.keys.shape[2]}")
+        self.keys[plan.rows, :, plan.start : end] = key_states
+        self.values[plan.rows, :, plan.start : end] = value_states
+        return self.keys[plan.rows, :, :end], self.values[plan.rows, :, :end]
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.keys.shape[2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
 
 
 class PrefixCache:
@@ -132,32 +152,34 @@ class PrefixCache:
             self._kv[key] = cache
         return self._kv[key]
 
-    def batch_cache(self, prefixes: Sequence[tuple[int, ...]], capacity: int
-                    ) -> tuple[Cache, torch.Tensor]:
-        """A cache for a batch whose row i starts with ``prefixes[i]``: each prefix's KV is
-        right-aligned in the first ``max(len)`` slots (shorter ones padded on the left), and
-        the matching [B, max(len)] attention mask."""
+    def batch_cache(self, prefixes: Sequence[tuple[int, ...]], capacity: int,
+                    plan: WritePlan | None = None) -> tuple[Cache, torch.Tensor]:
+        """A ``capacity``-slot cache for a batch whose row i starts with ``prefixes[i]``:
+        each prefix's KV is right-aligned in the first ``max(len)`` slots (shorter ones start
+        later), and the matching [B, max(len)] mask of filled slots."""
+        plan = plan or WritePlan()
         width = max(len(p) for p in prefixes)
         rows_of: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prefixes):
             rows_of.setdefault(tuple(p), []).append(i)
-        layers = self.q.base.config.text_config.num_hidden_layers
-        cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(layers)])
-        mask = torch.zeros((len(prefixes), width), dtype=torch.long, device=self.q.device)
-        for layer_idx in range(layers):
+        layers = []
+        for layer_idx in range(self.q.base.config.text_config.num_hidden_layers):
             ref = self.get(next(iter(rows_of))).layers[layer_idx].keys
-            shape = (len(prefixes), ref.shape[1], width, ref.shape[3])
-            keys = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-            values = torch.zeros_like(keys)
+            layer = SlotLayer(plan, (len(prefixes), ref.shape[1], capacity, ref.shape[3]),
+                              ref.dtype, ref.device)
             for prefix, rows in rows_of.items():
                 src = self.get(prefix).layers[layer_idx]
                 index = torch.tensor(rows, device=ref.device)
-                keys[index, :, width - len(prefix) :] = src.keys
-                values[index, :, width - len(prefix) :] = src.values
-            cache.update(keys, values, layer_idx)
+                layer.keys[index, :, width - len(prefix) : width] = src.keys
+                layer.values[index, :, width - len(prefix) : width] = src.values
+            layers.append(layer)
+        mask = torch.zeros((len(prefixes), width), dtype=torch.bool, device=self.q.device)
         for prefix, rows in rows_of.items():
-            mask[torch.tensor(rows, device=mask.device), width - len(prefix) :] = 1
-        return cache, mask
+            mask[torch.tensor(rows, device=mask.device), width - len(prefix) :] = True
+        return Cache(layers=layers), mask
+
+
+PREFILL_TOKENS = 32_768  # padded prompt tokens per prefill pass (bounds activation memory)
 
 
 @dataclass
@@ -176,54 +198,94 @@ def generate_questions(
     cfg: GenerationConfig,
     prefix_cache: PrefixCache | None = None,
     batch_size: int = 64,
+    prefill_tokens: int | None = None,
 ) -> GenerationResult:
     """One question per prompt; ``image_ids[i]`` are prompt i's images in slot order and
     ``token_source(ids)`` returns their visual tokens (the cache). Prompts are generated in
-    batches of ``batch_size``, whatever their templates."""
+    batches of ``batch_size``, whatever their templates; each batch is prefilled in passes
+    of about ``prefill_tokens`` padded tokens."""
     prefix_cache = prefix_cache or PrefixCache(questioner)
     questions: list[str] = []
     seen: list[list[int]] = []
-    for s in range(0, len(prompts), batch_size):
-        rows = range(s, min(s + batch_size, len(prompts)))
-        tokens = [token_source(image_ids[i]) for i in rows]
-        questions += _generate_batch(questioner, [prompts[i] for i in rows], tokens,
-                                     [seeds[i] for i in rows], cfg, prefix_cache)
-        seen += [[int(x) for x in image_ids[i]] for i in rows]
+    with _sdpa_attention(questioner.base.model.language_model):
+        for s in range(0, len(prompts), batch_size):
+            rows = range(s, min(s + batch_size, len(prompts)))
+            tokens = [token_source(image_ids[i]) for i in rows]
+            questions += _generate_batch(questioner, [prompts[i] for i in rows], tokens,
+                                         [seeds[i] for i in rows], cfg, prefix_cache,
+                                         prefill_tokens or PREFILL_TOKENS)
+            seen += [[int(x) for x in image_ids[i]] for i in rows]
     return GenerationResult(questions, seen)
 
 
 def _generate_batch(q: Questioner, prompts, image_tokens, seeds, cfg,
-                    prefix_cache: PrefixCache) -> list[str]:
-    """Layout per row: [pad][its template's prefix][pad][its own tokens][generated]."""
+                    prefix_cache: PrefixCache, prefill_tokens: int = PREFILL_TOKENS
+                    ) -> list[str]:
+    """Cache slots per row: [pad][its template's prefix][pad][its own tokens][generated].
+
+    Rows are processed longest body first, so each prefill pass pads its rows only to the
+    longest body among them; all rows share the slot where bodies end, so decoding writes
+    every row's new token into the same slot."""
     device = q.device
-    bsz = len(prompts)
     bodies = [q.prompt_ids(p, [len(t) for t in toks])
               for p, toks in zip(prompts, image_tokens, strict=True)]
-    width = max(len(b) for b in bodies)
-    ids = torch.full((bsz, width), q.pad_id, dtype=torch.long)
-    body_mask = torch.zeros((bsz, width), dtype=torch.long)
-    for i, body in enumerate(bodies):  # padding sits between the prefix and the body
-        ids[i, width - len(body) :] = torch.tensor(body)
-        body_mask[i, width - len(body) :] = 1
-    ids, body_mask = ids.to(device), body_mask.to(device)
-    embeds = splice_images(q.embed(ids), ids, q.image_token_id, image_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: -len(bodies[i]))
+    prompts, bodies = [prompts[i] for i in order], [bodies[i] for i in order]
+    image_tokens = [image_tokens[i] for i in order]
     prefixes = [tuple(q.prefix_ids(p)) for p in prompts]
+    bsz, width, prefix_width = len(prompts), len(bodies[0]), max(map(len, prefixes))
+    body_end = prefix_width + width
+    # Capacity rounded up to 16 slots: SDPA's memory-efficient kernel wants aligned masks.
+    capacity = -(-(body_end + cfg.max_new_tokens) // 16) * 16
+    plan = WritePlan()
+    cache, prefix_mask = prefix_cache.batch_cache(prefixes, capacity, plan)
+    visible = torch.zeros((bsz, capacity), dtype=torch.bool, device=device)
+    visible[:, :prefix_width] = prefix_mask
     prefix_lens = torch.tensor([len(p) for p in prefixes], device=device)
-    cache, prefix_mask = prefix_cache.batch_cache(
-        prefixes, max(map(len, prefixes)) + width + cfg.max_new_tokens)
-    mask = torch.cat([prefix_mask, body_mask], 1)
-    positions = (prefix_lens[:, None] + body_mask.cumsum(1) - 1).clamp_min(0)
+    body_lens = torch.tensor([len(b) for b in bodies], device=device)
     lm, head = q.base.model.language_model, q.base.lm_head
-    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True).last_hidden_state
-    logits = head(hidden[:, -1])
-    next_pos = positions[:, -1] + 1
-    seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=device)
+
+    last_logits, start = [], 0
+    while start < bsz:  # prefill, a block of rows at a time
+        w = len(bodies[start])
+        stop = min(bsz, start + max(1, prefill_tokens // w))
+        rows = slice(start, stop)
+        ids = torch.full((stop - start, w), q.pad_id, dtype=torch.long)
+        for i in range(start, stop):  # each body right-aligned, ending at body_end
+            ids[i - start, w - len(bodies[i]) :] = torch.tensor(bodies[i])
+        ids = ids.to(device)
+        first = body_end - w  # the block's first slot
+        real = torch.arange(w, device=device)[None] >= (w - body_lens[rows])[:, None]
+        visible[rows, first:body_end] = real
+        causal = torch.ones((w, w), dtype=torch.bool, device=device).tril()
+        mask = visible[rows, None, None, :body_end].repeat(1, 1, w, 1)
+        mask[:, 0, :, first:] &= causal
+        positions = (prefix_lens[rows, None] + real.long().cumsum(1) - 1).clamp_min(0)
+        embeds = splice_images(q.embed(ids), ids, q.image_token_id, image_tokens[rows])
+        plan.rows, plan.start = rows, first
+        hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True).last_hidden_state
+        last_logits.append(head(hidden[:, -1]))
+        start = stop
+    logits = torch.cat(last_logits)
+
+    # Decode: fixed-address inputs, advanced in place, so the step can be a CUDA graph.
+    plan.rows, plan.slot = slice(None), torch.tensor([body_end], device=device)
+    token_in = torch.zeros(bsz, dtype=torch.long, device=device)
+    position = prefix_lens + body_lens  # the next token's position, per row
+
+    def decode_step() -> torch.Tensor:
+        visible.index_fill_(1, plan.slot, True)
+        hidden = lm(inputs_embeds=q.embed(token_in[:, None]),
+                    attention_mask=visible[:, None, None, :], position_ids=position[:, None],
+                    past_key_values=cache, use_cache=True).last_hidden_state
+        return head(hidden[:, -1])
+
+    step_fn = _GraphedStep(decode_step) if device.type == "cuda" and cfg.cuda_graphs \
+        else decode_step
+    seed_t = torch.tensor([seeds[i] for i in order], dtype=torch.int64, device=device)
     stops = torch.tensor(q.stop_ids, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    full_mask = torch.ones((bsz, mask.shape[1] + cfg.max_new_tokens), dtype=torch.long,
-                           device=device)
-    full_mask[:, : mask.shape[1]] = mask
     generated: list[torch.Tensor] = []
     for step in range(cfg.max_new_tokens):
         if step < cfg.min_new_tokens:  # never end before the first word
@@ -235,19 +297,57 @@ def _generate_batch(q: Questioner, prompts, image_tokens, seeds, cfg,
         done |= torch.isin(token, stops)
         if step == cfg.max_new_tokens - 1 or bool(done.all()):
             break
-        hidden = lm(inputs_embeds=q.embed(token[:, None]),
-                    attention_mask=full_mask[:, : mask.shape[1] + step + 1],
-                    position_ids=next_pos[:, None], past_key_values=cache,
-                    use_cache=True).last_hidden_state
-        logits = head(hidden[:, -1])
-        next_pos = next_pos + 1
+        token_in.copy_(token)
+        if step > 0:
+            position += 1
+            plan.slot += 1
+        logits = step_fn()
+
     tokens = torch.stack(generated, 1).cpu().tolist()
-    texts = []
-    for row in tokens:
+    texts = [""] * bsz
+    for row, original in zip(tokens, order, strict=True):
         cut = row
         for j, t in enumerate(row):
             if t in q.stop_ids:
                 cut = row[:j]
                 break
-        texts.append(clean_question(q.tokenizer.decode(cut, skip_special_tokens=True)))
+        texts[original] = clean_question(q.tokenizer.decode(cut, skip_special_tokens=True))
     return texts
+
+
+class _GraphedStep:
+    """Runs ``fn`` eagerly once (warming kernels and the allocator), captures it as a CUDA
+    graph, and replays the graph afterwards: decode at batch 256 is otherwise bound by
+    launching ~30 kernels per layer per token."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        self.fn, self.graph, self.out = fn, None, None
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the step; executes nothing
+            self.out = self.fn()
+        return out
+
+
+@contextmanager
+def _sdpa_attention(lm):
+    """Generation passes explicit boolean 4D masks, which the SDPA path reads as given;
+    flash-attn 2 (padding masks only) is swapped for SDPA while generating."""
+    config = lm.config
+    before = config._attn_implementation
+    if before != "sdpa":
+        config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        if before != "sdpa":
+            config._attn_implementation = before

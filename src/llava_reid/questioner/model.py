@@ -112,6 +112,15 @@ class Questioner:
         if self.device.type == "cuda":
             self.base.model.vision_tower.compile()
 
+    def fuse_language_model(self) -> int:
+        """On CUDA, fuse the language model's RMSNorm and SiLU-gate element-wise work
+        (llava_reid.questioner.fused; inference only). Returns the modules swapped."""
+        if self.device.type != "cuda":
+            return 0
+        from llava_reid.questioner.fused import fuse_pointwise
+
+        return fuse_pointwise(self.base.model.language_model)
+
     @property
     def base(self) -> LlavaOnevisionForConditionalGeneration:
         """The LLaVA-OneVision module (inside the PEFT wrapper when there is one)."""

@@ -35,7 +35,13 @@ from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
 from llava_reid.questioner.vision import visual_tokens
 from llava_reid.questioner.visual_cache import VisualTokenCache
 from llava_reid.runtime import config_hash
-from llava_reid.training import ResumableCheckpoint, epoch_shard, make_accelerator, warmup_cosine
+from llava_reid.training import (
+    ResumableCheckpoint,
+    epoch_shard,
+    inputs_fingerprint,
+    make_accelerator,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +218,8 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
 
     ckpt = ResumableCheckpoint(checkpoints, config_hash(
         {"questioner": qcfg, "dialogue": cfg["dialogue"], "seed": seed, "model": model,
-         "data": conversations}))
+         "data": conversations,
+         "inputs": inputs_fingerprint(model, conversations, visual_tokens, annotations)}))
     state = ckpt.load_state()
     attach_lora(q, qcfg, adapter=str(ckpt.last / "adapter") if state else None)
     trainable = [p for p in q.net.parameters() if p.requires_grad]

@@ -36,6 +36,7 @@ from llava_reid.runtime import config_hash
 from llava_reid.training import (
     ResumableCheckpoint,
     derived_seed,
+    inputs_fingerprint,
     make_accelerator,
     warmup_cosine,
 )
@@ -241,7 +242,9 @@ def run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, steps_per_epoch * rcfg["warmup_epochs"], 0.1)
     )
-    ckpt = Checkpoints(checkpoints, config_hash({"retriever": rcfg, "seed": seed, "init": init}))
+    ckpt = Checkpoints(checkpoints, config_hash({
+        "retriever": rcfg, "seed": seed, "init": init,
+        "inputs": inputs_fingerprint(annotations, image_root, init)}))
     state = ckpt.load_state()
     if state is not None:
         ckpt.restore(model, optimizer, scheduler)

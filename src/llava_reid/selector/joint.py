@@ -40,6 +40,7 @@ from llava_reid.training import (
     ResumableCheckpoint,
     derived_seed,
     epoch_shard,
+    inputs_fingerprint,
     make_accelerator,
     warmup_cosine,
 )
@@ -131,7 +132,9 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
 
     ckpt = ResumableCheckpoint(checkpoints, config_hash(
         {"questioner": qcfg, "joint": jcfg, "dialogue": dcfg, "seed": seed, "model": model,
-         "adapter": adapter, "selector": selector, "data": conversations}))
+         "adapter": adapter, "selector": selector, "data": conversations,
+         "inputs": inputs_fingerprint(model, adapter, selector, conversations, gallery,
+                                      retriever, visual_tokens, annotations)}))
     state = ckpt.load_state()
     start_adapter = str(ckpt.last / "adapter") if state else adapter
     attach_lora(q, qcfg, adapter=start_adapter)
