@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from llava_reid.artifacts import read_metadata
 from llava_reid.retriever.encoder import RetrieverEncoder
@@ -58,6 +59,28 @@ def test_training_writes_model_and_metrics(trained):
     feats = enc.encode_texts(["i saw a man in a red top", "a woman"])
     assert feats.shape == (2, 32)
     assert np.allclose(feats.norm(dim=1).numpy(), 1.0, atol=1e-5)
+
+
+def test_validation_on_preloaded_images_equals_encoding_the_files(trained):
+    """The per-epoch validation decodes the split's images once; its metrics must be the
+    ones computed from the image files through the encoder's own loading path."""
+    from llava_reid.data.annotations import read_annotations
+    from llava_reid.metrics import rank_metrics
+    from llava_reid.retriever.train import SplitEvaluation
+
+    data = trained["data"]
+    rows = read_annotations(str(data["annotations"]), split="val")
+    enc = RetrieverEncoder.from_pretrained(trained["run"] / "model", "cpu")
+    got = SplitEvaluation(rows, data["root"], enc.transform)(enc, bs=5)
+    gallery = enc.encode_images([data["root"] / p for p in rows.file_path])
+    pids = torch.tensor(rows.pid.to_numpy())
+    fine = rank_metrics(enc.encode_texts(list(rows.fine_grained_description)) @ gallery.t(),
+                        pids, pids)
+    assert got["f-R1"] == pytest.approx(float(fine["R1"]), abs=1e-3)
+    assert got["f-mAP"] == pytest.approx(float(fine["mAP"]), abs=1e-3)
+    assert set(got) >= {"f-R1", "f-R5", "f-R10", "i-R1", "i-mAP", "i-mINP"}
+    metrics = json.loads((trained["run"] / "metrics.json").read_text())
+    assert metrics["val"] == pytest.approx(got, abs=1e-2)
 
 
 def test_same_config_same_metrics(trained):

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +61,33 @@ def warmup_cosine(total_steps: int, warmup_steps: int, warmup_factor: float = 0.
     return factor
 
 
-def epoch_shard(n: int, epoch: int, seed: int, world: int, rank: int, per_process: int
-                ) -> list[list[int]]:
+def epoch_shard(n: int, epoch: int, seed: int, world: int, rank: int, per_process: int,
+                lengths: Sequence[int] | None = None, group: int = 16) -> list[list[int]]:
     """This rank's batches of one epoch: a seeded permutation of ``n`` items cut into global
     batches of ``per_process * world`` (the incomplete last batch dropped), each split across
-    ranks. Returns a list of index lists, one per step."""
-    steps = n // (per_process * world)
+    ranks. Returns a list of index lists, one per step.
+
+    With ``lengths``, batches hold items of similar length: the permutation is cut into groups
+    of ``group`` global batches, each group is sorted by length and cut into batches, and the
+    batch order is shuffled (seeded). Right-padding to a batch's longest row then wastes little
+    (a random batch of the embedded default's SFT data is ~17 % padding) while batches still
+    mix items from across the data set."""
+    global_batch = per_process * world
+    steps = n // global_batch
     order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
-    order = order[: steps * per_process * world].view(steps, world, per_process)
-    return [order[s, rank].tolist() for s in range(steps)]
+    batches = order[: steps * global_batch]
+    if lengths is not None and group > 1:
+        if len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} items")
+        chunk = group * global_batch
+        keep = batches.tolist()
+        keep = [i for s in range(0, len(keep), chunk)
+                for i in sorted(keep[s : s + chunk], key=lambda i: -lengths[i])]
+        shuffle = torch.randperm(steps, generator=torch.Generator().manual_seed(
+            derived_seed(seed, epoch, 1)))
+        batches = torch.tensor(keep, dtype=torch.long).view(steps, global_batch)[shuffle]
+    batches = batches.reshape(steps, world, per_process)
+    return [batches[s, rank].tolist() for s in range(steps)]
 
 
 def inputs_fingerprint(*paths: str | Path | None) -> str:

@@ -27,7 +27,8 @@ class Gallery:
     @classmethod
     def from_parquet(cls, path: str, device: torch.device | str = "cpu") -> Gallery:
         table = read_table(path, "gallery_features")
-        feats = torch.from_numpy(embeddings(table, "feat")).to(device)
+        # Arrow's buffers are read-only; torch wants a writable array (one copy, small).
+        feats = torch.from_numpy(embeddings(table, "feat").copy()).to(device)
         return cls(
             feats=torch.nn.functional.normalize(feats, dim=-1),
             pids=torch.from_numpy(table.column("pid").to_numpy()).to(device),

@@ -38,6 +38,11 @@ class Example:
     def top_k(self, k: int) -> list[int]:
         return list(self.pool[:k])
 
+    def text_length(self) -> int:
+        """Characters of the prompt text and target: a tokenizer-free proxy of the sequence
+        length (image slots are the same for every example), for length-grouped batches."""
+        return len(self.prompt(1).as_text()) + len(self.target)
+
 
 def valid_pool_size(pool_size: int, round_: int) -> int:
     """Pool positions open in round r (0-based): ceil(N / (r + 1)): 200, 100, 67, 50, 40."""

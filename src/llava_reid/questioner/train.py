@@ -249,10 +249,12 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
                       {**state, "epoch": epoch, "step": step})
         accelerator.wait_for_everyone()
 
+    lengths = [e.text_length() for e in train]
     started = time.time()
     for epoch in range(state["epoch"], scfg["epochs"] + 1):
         module.train()
-        shard = epoch_shard(len(train), epoch, seed, world, rank, per_process)
+        shard = epoch_shard(len(train), epoch, seed, world, rank, per_process,
+                            lengths if scfg["group_by_length"] else None)
         first = state["step"] if epoch == state["epoch"] else 0
         for step in range(first, len(shard)):
             batch = make_batch(q, [train[i] for i in shard[step]], ncand, tokens)

@@ -126,16 +126,37 @@ def _param_groups(model: Retriever, rcfg: dict[str, Any]) -> list[dict[str, Any]
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
+class SplitEvaluation:
+    """A split's gallery images, decoded and preprocessed once, and its two query texts per
+    image. Scored after every epoch, so only the encoders run each time (reading and resizing
+    the images again every epoch took ~30 % of an embedded-default epoch)."""
+
+    QUERIES = (("f", "fine_grained_description"), ("i", "initial_description"))
+
+    def __init__(self, rows: pd.DataFrame, image_root: Path, transform: RetrieverTransform):
+        images = []
+        for path in rows.file_path:
+            with Image.open(image_root / path) as img:
+                images.append(transform(img))
+        self.pixels = torch.stack(images) if images else torch.empty(0)
+        self.pids = torch.tensor(rows.pid.to_numpy())
+        self.texts = {prefix: list(rows[column]) for prefix, column in self.QUERIES}
+
+    def __call__(self, encoder: RetrieverEncoder, bs: int) -> dict[str, float]:
+        """f-* (fine-grained queries) and i-* (initial-description queries) metrics."""
+        gallery = torch.cat([encoder.encode_pixels(self.pixels[s : s + bs])
+                             for s in range(0, len(self.pixels), bs)])
+        out = {}
+        for prefix, texts in self.texts.items():
+            queries = encoder.encode_texts(texts, bs)
+            metrics = rank_metrics(queries @ gallery.t(), self.pids, self.pids)
+            out.update({f"{prefix}-{k}": round(float(v), 3) for k, v in metrics.items()})
+        return out
+
+
 def evaluate_split(encoder: RetrieverEncoder, rows: pd.DataFrame, image_root: Path, bs: int):
-    """f-* (fine-grained queries) and i-* (initial-description queries) metrics of a split."""
-    gallery = encoder.encode_images([image_root / p for p in rows.file_path], bs)
-    pids = torch.tensor(rows.pid.to_numpy())
-    out = {}
-    for prefix, column in (("f", "fine_grained_description"), ("i", "initial_description")):
-        queries = encoder.encode_texts(list(rows[column]), bs)
-        metrics = rank_metrics(queries @ gallery.t(), pids, pids)
-        out.update({f"{prefix}-{k}": round(float(v), 3) for k, v in metrics.items()})
-    return out
+    """f-* and i-* metrics of a split (see SplitEvaluation)."""
+    return SplitEvaluation(rows, image_root, encoder.transform)(encoder, bs)
 
 
 class Checkpoints(ResumableCheckpoint):
@@ -255,6 +276,8 @@ def run(
     model, optimizer = accelerator.prepare(model, optimizer)
     transform = RetrieverTransform(rcfg["image_height"], rcfg["image_width"], train=rcfg["augment"])
     dataset = PairDataset(train_rows, image_root, transform, seed, rcfg["text_views"])
+    validation = SplitEvaluation(val_rows, image_root, RetrieverTransform(
+        rcfg["image_height"], rcfg["image_width"], train=False))
 
     for epoch in range(state["epoch"] + 1, rcfg["epochs"] + 1):
         started = time.time()
@@ -291,7 +314,7 @@ def run(
             net.eval()
             encoder = RetrieverEncoder(net, tokenizer, retriever_settings(rcfg),
                                        accelerator.device)
-            record["val"] = evaluate_split(encoder, val_rows, image_root, rcfg["eval_batch_size"])
+            record["val"] = validation(encoder, rcfg["eval_batch_size"])
             score = record["val"][rcfg["select_metric"]]
             if state["best"] is None or score > state["best"]["score"]:
                 state["best"] = {"epoch": epoch, "score": score}
@@ -314,7 +337,7 @@ def run(
         result = {
             "best_epoch": state["best"]["epoch"],
             "select_metric": rcfg["select_metric"],
-            "val": evaluate_split(best, val_rows, image_root, rcfg["eval_batch_size"]),
+            "val": validation(best, rcfg["eval_batch_size"]),
             "test": evaluate_split(best, test_rows, image_root, rcfg["eval_batch_size"]),
             "history": state["history"],
         }

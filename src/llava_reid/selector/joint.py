@@ -172,10 +172,12 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
             ckpt.save(save_models, optimizer, scheduler, {**state, "epoch": epoch, "step": step})
         accelerator.wait_for_everyone()
 
+    lengths = [e.text_length() for e in examples]
     started = time.time()
     for epoch in range(state["epoch"], jcfg["epochs"] + 1):
         wrapped.train()
-        shard = epoch_shard(len(examples), epoch, seed, world, rank, per_process)
+        shard = epoch_shard(len(examples), epoch, seed, world, rank, per_process,
+                            lengths if jcfg["group_by_length"] else None)
         first = state["step"] if epoch == state["epoch"] else 0
         for step in range(first, len(shard)):
             global_step = (epoch - 1) * steps_per_epoch + step
