@@ -10,12 +10,27 @@ def out(path):
     return f"{RESULTS}/{path}"
 
 
-def stage_config(*sections):
-    """JSON of what one stage reads (seed, device and its sections): a rule param, so editing
-    a section reruns exactly the stages that read it."""
+def stage_config(*keys):
+    """JSON of what one stage reads: seed, device and the named sections or dotted sub-keys
+    ("questioner.tiny"). A rule param, so editing a key reruns exactly the stages that read
+    it (the CLI checks the view's types against the schema)."""
     view = {"seed": config["seed"], "device": config["device"]}
-    view.update({name: config[name] for name in sections})
+    for key in keys:
+        *parents, leaf = key.split(".")
+        source, target = config, view
+        for name in parents:
+            source = source[name]
+            target = target.setdefault(name, {})
+        target[leaf] = source[leaf]
     return json.dumps(view, sort_keys=True)
+
+
+# What the questioner's inference stages read: image preprocessing and visual-token pooling.
+QUESTIONER_INPUT = (
+    "questioner.pool_ratio",
+    "questioner.image_mean",
+    "questioner.image_std",
+)
 
 
 def annotation_json():
@@ -102,6 +117,15 @@ def method_models(wildcards):
     if wildcards.method == "selector":
         models["selector"] = out("joint/selector.safetensors")
     return models
+
+
+def evaluate_config(wildcards):
+    """An evaluation chunk's view: the questioner's settings only for the methods that run it,
+    so tuning the questioner never reruns the initial / random / oracle baselines."""
+    keys = ["features", "dialogue", "answerer"]
+    if wildcards.method in QUESTIONER_METHODS:
+        keys += [*QUESTIONER_INPUT, "evaluate.generation"]
+    return stage_config(*keys)
 
 
 def model_flags(wildcards, input):

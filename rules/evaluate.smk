@@ -24,9 +24,7 @@ rule evaluate:
     resources:
         gpu=1,
     params:
-        cfg=stage_config(
-            "features", "dialogue", "questioner", "answerer", "evaluate", "retriever"
-        ),
+        cfg=evaluate_config,
         models=model_flags,
         # Not an output: kept across reruns so answers are never asked twice.
         answers=out("eval/{method}/answers/{i}-of-{n}.parquet"),
@@ -52,7 +50,7 @@ rule merge_eval:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config("evaluate"),
+        cfg=stage_config(),
     shell:
         "llava-reid merge-eval --config {params.cfg:q} --method {wildcards.method}"
         " --chunks {input.chunks} --gallery {input.gallery} --queries {input.queries}"

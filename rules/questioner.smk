@@ -39,7 +39,7 @@ rule build_tiny_questioner:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config("questioner"),
+        cfg=stage_config("questioner.tiny"),
     shell:
         "llava-reid build-tiny-questioner --config {params.cfg:q} --annotations {input}"
         " --out {output} > {log} 2>&1"
@@ -63,7 +63,7 @@ rule cache_visual_tokens:
     resources:
         gpu=1,
     params:
-        cfg=stage_config("questioner"),
+        cfg=stage_config(*QUESTIONER_INPUT, "questioner.cache_batch_size"),
         image_root=image_root(),
         adapter=lambda wildcards, input: (
             f"--adapter {input.adapter}" if input.adapter else ""

@@ -43,3 +43,20 @@ def test_unreadable_config_file_names_the_file(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_inline_views_are_checked_key_by_key_files_section_by_section(tmp_path):
+    """Rules pass a stage's view (dotted sub-keys of a config Snakemake validated whole): its
+    keys are type-checked, absent siblings are fine; a config file's sections must be whole."""
+    view = {"seed": 1, "device": "cpu", "questioner": {"tiny": repo_config()["questioner"]["tiny"]}}
+    assert load_config(json.dumps(view)) == view
+    view["questioner"]["tiny"]["layers"] = "two"
+    with pytest.raises(ConfigError, match=r"questioner\.tiny\.layers: 'two' is not of type"):
+        load_config(json.dumps(view))
+    view["questioner"] = {"pool_ratio": 2, "poolratio": 2}
+    with pytest.raises(ConfigError, match="poolratio"):
+        load_config(json.dumps(view))
+    path = tmp_path / "partial.yaml"
+    path.write_text(yaml.safe_dump({"seed": 1, "questioner": {"pool_ratio": 2}}))
+    with pytest.raises(ConfigError, match=r"questioner: 'pretrained' is a required property"):
+        load_config(str(path))

@@ -162,15 +162,42 @@ def test_nothing_left_to_do_and_forcerun_one_stage(workflow):
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
-def test_editing_generation_reruns_only_the_evaluation(workflow, tmp_path):
+def _planned_jobs(workflow, tmp_path, edit) -> list[tuple[str, str]]:
+    """(rule, method wildcard or "") of every job a dry run plans after ``edit(cfg)``."""
     cfg = copy.deepcopy(workflow["cfg"])
-    cfg["evaluate"]["generation"]["top_p"] = 0.9
-    cfg_file = tmp_path / "generation.yaml"
+    edit(cfg)
+    cfg_file = tmp_path / "edited.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     dry = _snakemake(workflow["work"], cfg_file, "--dry-run")
-    rules = set(re.findall(r"^(?:local)?rule (\w+):", dry.stdout, flags=re.MULTILINE))
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry.stdout):
+        rule = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if rule:
+            method = re.search(r"wildcards:.*\bmethod=(\w+)", block)
+            jobs.append((rule.group(1), method.group(1) if method else ""))
+    return jobs
+
+
+def test_editing_generation_reruns_only_the_questioners_evaluation(workflow, tmp_path):
+    jobs = _planned_jobs(workflow, tmp_path,
+                         lambda cfg: cfg["evaluate"]["generation"].update(top_p=0.9))
+    rules = {r for r, _ in jobs}
     assert "evaluate" in rules
     assert rules <= {"evaluate", "merge_eval", "plots", "ranked_lists", "all"}, rules
+    for rule in ("evaluate", "merge_eval", "ranked_lists"):
+        assert {m for r, m in jobs if r == rule} == {"questioner", "selector"}, rule
+
+
+def test_editing_sft_keeps_the_model_caches_and_the_baselines(workflow, tmp_path):
+    """A new SFT learning rate retrains the adapter and what follows, but neither rebuilds the
+    base model or its visual-token caches nor reruns the question-free baselines."""
+    jobs = _planned_jobs(workflow, tmp_path,
+                         lambda cfg: cfg["questioner"]["sft"].update(lr=1.0e-3))
+    rules = {r for r, _ in jobs}
+    assert {"train_questioner", "train_joint", "evaluate"} <= rules
+    assert not rules & {"build_tiny_questioner", "cache_visual_tokens", "prepare_data",
+                        "warmup_selector", "train_retriever"}, rules
+    assert {m for r, m in jobs if r == "evaluate"} == {"questioner", "selector"}
 
 
 def _interrupt_after_checkpoint(args: list[str], cfg: dict, checkpoints: Path, timeout=600):

@@ -49,13 +49,24 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(_schema_path().read_text())
 
 
-def validate_section(cfg: dict[str, Any], source: str) -> None:
+def _without_required(schema: Any) -> Any:
+    """The schema with every ``required`` list dropped (types, ranges, enums and unknown-key
+    checks stay)."""
+    if isinstance(schema, dict):
+        return {k: _without_required(v) for k, v in schema.items() if k != "required"}
+    if isinstance(schema, list):
+        return [_without_required(v) for v in schema]
+    return schema
+
+
+def validate_section(cfg: dict[str, Any], source: str, view: bool = False) -> None:
     """Validate the keys present in ``cfg`` against their schema entries.
 
-    Rules pass only the sections a stage reads, so required top-level keys are not enforced
-    here; each present section is checked in full.
+    Required top-level keys are not enforced (a stage gets only the sections it reads); a
+    present section is checked in full, or, for a ``view`` (what the rules pass: the keys one
+    stage reads, cut from a config Snakemake has validated whole), only the keys present.
     """
-    schema = load_schema()
+    schema = _without_required(load_schema()) if view else load_schema()
     partial = dict(schema)
     partial["required"] = [k for k in schema.get("required", []) if k in cfg]
     validator = jsonschema.Draft202012Validator(partial)
@@ -66,8 +77,10 @@ def validate_section(cfg: dict[str, Any], source: str) -> None:
 
 
 def load_config(value: str) -> dict[str, Any]:
-    """``value`` is inline JSON (what the rules pass) or the path of a YAML/JSON config file."""
-    if value.lstrip().startswith("{"):
+    """``value`` is inline JSON (what the rules pass: a stage's view, see ``validate_section``)
+    or the path of a YAML/JSON config file (its sections are checked in full)."""
+    view = value.lstrip().startswith("{")
+    if view:
         cfg, source = json.loads(value), "--config (inline JSON)"
     else:
         path = Path(value)
@@ -80,7 +93,7 @@ def load_config(value: str) -> dict[str, Any]:
             raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from err
         if not isinstance(cfg, dict):
             raise ConfigError(f"{path}: config must be a mapping")
-    validate_section(cfg, source)
+    validate_section(cfg, source, view=view)
     return cfg
 
 
