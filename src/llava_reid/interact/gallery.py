@@ -27,14 +27,14 @@ class Gallery:
     @classmethod
     def from_parquet(cls, path: str, device: torch.device | str = "cpu") -> Gallery:
         table = read_table(path, "gallery_features")
-        # Arrow's buffers are read-only; torch wants a writable array (one copy, small).
+        # Arrow's buffers are read-only and torch wants writable arrays: one small copy each.
         feats = torch.from_numpy(embeddings(table, "feat").copy()).to(device)
+        pids = np.array(table.column("pid").to_numpy())
+        image_idx = table.column("image_idx").to_numpy().astype(np.int64)
         return cls(
             feats=torch.nn.functional.normalize(feats, dim=-1),
-            pids=torch.from_numpy(table.column("pid").to_numpy()).to(device),
-            image_idx=torch.from_numpy(table.column("image_idx").to_numpy().astype(np.int64)).to(
-                device
-            ),
+            pids=torch.from_numpy(pids).to(device),
+            image_idx=torch.from_numpy(image_idx).to(device),
             file_paths=table.column("file_path").to_pylist(),
         )
 
