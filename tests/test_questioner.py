@@ -253,7 +253,7 @@ def test_training_batch_labels_only_the_question(questioner):
     first = int((batch.labels[0] != -100).nonzero()[0])
     assert int(batch.input_ids[0, first + 1]) == target[0]
     loss = questioner.loss(batch)
-    assert torch.isfinite(loss) and float(loss) > 0
+    assert torch.isfinite(loss) and loss.item() > 0
     assert batch.seen == [[0, 1], [1, 0]]
 
 

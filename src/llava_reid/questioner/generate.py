@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache as memoize
+from inspect import signature
 
 import torch
 from transformers import DynamicCache
@@ -32,6 +34,18 @@ from llava_reid.questioner.model import Questioner, splice_images
 from llava_reid.questioner.prompts import PromptParts, clean_question
 
 _MASK31 = 0x7FFFFFFF
+
+
+@memoize
+def _cache_keyword(forward_cls: type) -> str:
+    """The forward keyword that takes the KV cache: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); older releases take
+    only the old name."""
+    return "cache" if "cache" in signature(forward_cls.forward).parameters else "past_key_values"
+
+
+def _with_cache(lm: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
+    return {_cache_keyword(type(lm)): cache}
 
 
 @dataclass
@@ -145,8 +159,9 @@ class PrefixCache:
         if key not in self._kv:
             t = torch.tensor([list(ids)], device=self.q.device)
             cache = DynamicCache(config=self.q.base.config.text_config)
-            self.q.base.model.language_model(
-                inputs_embeds=self.q.embed(t), past_key_values=cache, use_cache=True,
+            lm = self.q.base.model.language_model
+            lm(
+                inputs_embeds=self.q.embed(t), **_with_cache(lm, cache), use_cache=True,
                 position_ids=torch.arange(len(ids), device=self.q.device)[None],
             )
             self._kv[key] = cache
@@ -264,7 +279,7 @@ def _generate_batch(q: Questioner, prompts, image_tokens, seeds, cfg,
         embeds = splice_images(q.embed(ids), ids, q.image_token_id, image_tokens[rows])
         plan.rows, plan.start = rows, first
         hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True).last_hidden_state
+                    **_with_cache(lm, cache), use_cache=True).last_hidden_state
         last_logits.append(head(hidden[:, -1]))
         start = stop
     logits = torch.cat(last_logits)
@@ -278,7 +293,7 @@ def _generate_batch(q: Questioner, prompts, image_tokens, seeds, cfg,
         visible.index_fill_(1, plan.slot, True)
         hidden = lm(inputs_embeds=q.embed(token_in[:, None]),
                     attention_mask=visible[:, None, None, :], position_ids=position[:, None],
-                    past_key_values=cache, use_cache=True).last_hidden_state
+                    **_with_cache(lm, cache), use_cache=True).last_hidden_state
         return head(hidden[:, -1])
 
     step_fn = _GraphedStep(decode_step) if device.type == "cuda" and cfg.cuda_graphs \

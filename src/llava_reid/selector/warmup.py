@@ -340,7 +340,7 @@ def load_pools(conversations: str, position_of: dict[int, int]):
     except KeyError as exc:
         raise ValueError(f"{conversations}: pool image_idx {exc} not in the gallery") from exc
     return (list(frame.description), torch.from_numpy(rows),
-            torch.as_tensor(frame["round"].to_numpy(), dtype=torch.long),
+            torch.tensor(frame["round"].to_numpy(), dtype=torch.long),
             frame.pid.to_numpy())
 
 
