@@ -266,11 +266,12 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
                 optimizer.step()
                 scheduler.step() if accelerator.sync_gradients else None
                 optimizer.zero_grad(set_to_none=True)
+            step_loss = loss.item()
             state["history"].append({"epoch": epoch, "step": step + 1,
-                                     "loss": round(float(loss), 4)})
+                                     "loss": round(step_loss, 4)})
             if step % 20 == 0:
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch, step + 1, len(shard),
-                         float(loss), scheduler.get_last_lr()[0])
+                         step_loss, scheduler.get_last_lr()[0])
             if (step + 1) % scfg["checkpoint_every"] == 0 and step + 1 < len(shard):
                 save(epoch, step + 1)
         state["epoch"], state["step"] = epoch + 1, 0
