@@ -8,17 +8,22 @@ Needs a finished embedded run (``snakemake --cores 2``; ``--run`` names its fold
    (``questioner.sft.group_by_length``): padding and ms/step;
 2. the retriever's per-epoch validation: images read from disk and resized every epoch (as
    before) vs decoded once (``SplitEvaluation``);
-3. one retriever training step with 8-px vs 16-px patches (``retriever.tiny.patch_size``).
+3. one retriever training step with 8-px vs 16-px patches (``retriever.tiny.patch_size``);
+4. with ``--compile`` (instead of 1-3; writes ``cpu_training_compile.json``): one retriever
+   training step eager vs ``torch.compile``d towers (Inductor's C++ backend), and what compiling
+   costs up front.
 
-    python3 bench/cpu_training.py --run results/embedded
+    python3 bench/cpu_training.py --run results/embedded [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,7 +106,9 @@ def retriever_validation(run: Path, rounds: int) -> dict:
     return {"images": len(rows), "seconds": t, "speedup": t["from_files"] / t["preloaded"]}
 
 
-def retriever_steps(run: Path, cfg: dict, rounds: int) -> dict:
+def retriever_steps(run: Path, cfg: dict, rounds: int, variants: dict | None = None) -> dict:
+    """One training step of the embedded retriever per variant, interleaved. A variant is
+    (patch size, compile the towers?); the default compares 8-px with 16-px patches."""
     from accelerate import Accelerator
 
     from llava_reid.retriever.init import build_tiny
@@ -111,8 +118,9 @@ def retriever_steps(run: Path, cfg: dict, rounds: int) -> dict:
     table = read_annotations(str(run / "data/annotations.parquet"), split="train")
     corpus = list(table.fine_grained_description) + list(table.initial_description)
     accelerator = Accelerator(cpu=True)
+    variants = variants or {"patch8": (8, False), "patch16": (16, False)}
     steps = {}
-    for patch in (8, 16):
+    for name, (patch, compiled) in variants.items():
         rcfg = copy.deepcopy(cfg["retriever"])
         rcfg["tiny"]["patch_size"] = patch
         torch.manual_seed(0)
@@ -124,10 +132,13 @@ def retriever_steps(run: Path, cfg: dict, rounds: int) -> dict:
             rcfg["image_height"], rcfg["image_width"], train=False), 0, rcfg["text_views"])
         bs = rcfg["batch_size"]
         batches = [_collate([data[i] for i in range(s, s + bs)]) for s in range(0, 8 * bs, bs)]
-        steps[patch] = (model, optimizer, tokenize, batches, [0])
+        if compiled:  # images have one shape; text batches are padded to their longest query
+            model.clip.vision_model = torch.compile(model.clip.vision_model, dynamic=False)
+            model.clip.text_model = torch.compile(model.clip.text_model, dynamic=True)
+        steps[name] = (model, optimizer, tokenize, batches, [0])
 
-    def step(patch: int) -> None:
-        model, optimizer, tokenize, batches, cursor = steps[patch]
+    def step(name: str) -> None:
+        model, optimizer, tokenize, batches, cursor = steps[name]
         b = batches[cursor[0] % len(batches)]
         cursor[0] += 1
         loss, _ = train_step(model, b, tokenize, {}, {"sdm": 1.0, "id": 1.0, "mlm": 0.0},
@@ -136,11 +147,16 @@ def retriever_steps(run: Path, cfg: dict, rounds: int) -> dict:
         loss.backward()
         optimizer.step()
 
-    for p in steps:
-        step(p)
-    t = interleaved({f"patch{p}": (lambda p=p: step(p)) for p in steps}, rounds)
+    warmup = {}
+    for name in steps:  # compiling happens over the first steps (one graph per text length)
+        t = time.perf_counter()
+        for _ in range(10):
+            step(name)
+        warmup[name] = time.perf_counter() - t
+    t = interleaved({name: (lambda n=name: step(n)) for name in steps}, rounds)
+    first, second = list(steps)
     return {"batch": cfg["retriever"]["batch_size"], "seconds_per_step": t,
-            "speedup": t["patch8"] / t["patch16"]}
+            "first_10_steps_s": warmup, "speedup": t[first] / t[second]}
 
 
 def main() -> None:
@@ -148,8 +164,13 @@ def main() -> None:
     parser.add_argument("--run", default=str(REPO / "results/embedded"))
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--compile", action="store_true",
+                        help="only time a torch.compile'd retriever step against eager")
     args = parser.parse_args()
     run, cfg = Path(args.run), yaml.safe_load(Path(args.config).read_text())
+    if args.compile:
+        compile_only(run, cfg, args.rounds)
+        return
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__,
                "sft": sft_steps(run, cfg, args.rounds),
                "retriever_validation": retriever_validation(run, max(3, args.rounds // 3)),
@@ -166,6 +187,20 @@ def main() -> None:
           f"{r['seconds_per_step']['patch8']*1e3:.0f} ms, 16-px "
           f"{r['seconds_per_step']['patch16']*1e3:.0f} ms: {r['speedup']:.2f}x")
     print("wrote", write_results("cpu_training", results))
+
+
+def compile_only(run: Path, cfg: dict, rounds: int) -> None:
+    # A fresh Inductor cache, so the first steps pay what a cold DAG job would pay.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    c = retriever_steps(run, cfg, rounds, {"eager": (8, False), "compiled": (8, True)})
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+               "retriever_compile": c}
+    print(f"retriever step ({c['batch']}/batch), torch.compile: eager "
+          f"{c['seconds_per_step']['eager']*1e3:.0f} ms, compiled "
+          f"{c['seconds_per_step']['compiled']*1e3:.0f} ms: {c['speedup']:.2f}x; first 10 "
+          f"steps {c['first_10_steps_s']['eager']:.1f} s eager, "
+          f"{c['first_10_steps_s']['compiled']:.1f} s compiled")
+    print("wrote", write_results("cpu_training_compile", results))
 
 
 if __name__ == "__main__":
