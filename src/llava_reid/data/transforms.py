@@ -10,6 +10,8 @@ reproducible whatever the number of data-loader workers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,3 +92,13 @@ class RetrieverTransform:
         top, left = _randint(g, 0, 2 * self.pad), _randint(g, 0, 2 * self.pad)
         x = padded[:, top : top + self.height, left : left + self.width]
         return random_erase(x, g)
+
+
+def load_pixels(paths: Iterable[str | Path],
+                transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """Decode each image file and stack its transformed pixels: [N, C, H, W]."""
+    images = []
+    for path in paths:
+        with Image.open(path) as img:
+            images.append(transform(img))
+    return torch.stack(images) if images else torch.empty(0)

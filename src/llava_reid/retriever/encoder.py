@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from llava_reid.data.transforms import RetrieverTransform
+from llava_reid.data.transforms import RetrieverTransform, load_pixels
 from llava_reid.retriever.model import QueryTokenizer, Retriever, load_clip, load_tokenizer
 from llava_reid.runtime import default_dtype, resolve_device
 
@@ -81,13 +80,8 @@ class RetrieverEncoder:
         return F.normalize(feats.float(), dim=-1)
 
     def encode_images(self, paths: Sequence[str | Path], batch_size: int = 256) -> torch.Tensor:
-        out = []
-        for start in range(0, len(paths), batch_size):
-            batch = []
-            for p in paths[start : start + batch_size]:
-                with Image.open(p) as img:
-                    batch.append(self.transform(img))
-            out.append(self.encode_pixels(torch.stack(batch)))
+        out = [self.encode_pixels(load_pixels(paths[start : start + batch_size], self.transform))
+               for start in range(0, len(paths), batch_size)]
         if not out:
             return torch.empty(0, self.dim, device=self.device)
         return torch.cat(out)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llava_reid.artifacts import atomic_dir, write_json
 from llava_reid.data.annotations import read_annotations
-from llava_reid.data.transforms import RetrieverTransform
+from llava_reid.data.transforms import RetrieverTransform, load_pixels
 from llava_reid.metrics import rank_metrics
 from llava_reid.retriever.encoder import RetrieverEncoder, retriever_settings, write_settings
 from llava_reid.retriever.losses import id_loss, mask_tokens, mlm_loss, sdm_loss
@@ -134,11 +134,7 @@ class SplitEvaluation:
     QUERIES = (("f", "fine_grained_description"), ("i", "initial_description"))
 
     def __init__(self, rows: pd.DataFrame, image_root: Path, transform: RetrieverTransform):
-        images = []
-        for path in rows.file_path:
-            with Image.open(image_root / path) as img:
-                images.append(transform(img))
-        self.pixels = torch.stack(images) if images else torch.empty(0)
+        self.pixels = load_pixels((image_root / p for p in rows.file_path), transform)
         self.pids = torch.tensor(rows.pid.to_numpy())
         self.texts = {prefix: list(rows[column]) for prefix, column in self.QUERIES}
 
