@@ -145,11 +145,13 @@ def eval_methods():
 
 
 def report_targets():
-    """Every report artifact: the plots and tables, and one ranked-list picture per method."""
+    """Every report artifact: the plots and tables, one ranked-list picture per method and the
+    training curves."""
     return [
         out("report/recall_vs_round.png"),
         out("report/bri.png"),
         out("report/metrics.tsv"),
         out("report/metrics.html"),
-        *expand(out("report/ranked_lists/{method}.png"), method=eval_methods()),
+        *expand(out("report/ranked_lists/{method}.jpg"), method=eval_methods()),
+        out("report/training_curves.png"),
     ]

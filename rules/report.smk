@@ -1,10 +1,26 @@
-# Report: per-round metric plots and tables of every evaluated method, and ranked-list pictures
-# of a few dialogues per method, all flagged for `snakemake --report`.
+# Report: per-round metric plots and tables of every evaluated method (with bootstrap intervals
+# over the test queries), ranked-list pictures of a few dialogues per method and the training
+# curves, all flagged for `snakemake --report`.
+
+
+def training_metrics():
+    """The metrics.json (with a history) of every training stage this run has."""
+    stages = {
+        "retriever": out("retriever/metrics.json"),
+        "questioner": out("questioner/metrics.json"),
+    }
+    if "selector" in config["evaluate"]["methods"]:
+        stages["warmup"] = out("selector/warmup_metrics.json")
+        stages["joint"] = out("joint/metrics.json")
+    return stages
 
 
 rule plots:
+    """R@k-vs-round and BRI figures and the metrics tables of every evaluated method, with
+    seeded bootstrap intervals over the test queries."""
     input:
-        expand(out("eval/{method}/metrics.json"), method=eval_methods()),
+        metrics=expand(out("eval/{method}/metrics.json"), method=eval_methods()),
+        dialogues=expand(out("eval/{method}/dialogues.parquet"), method=eval_methods()),
     output:
         recall=report(
             out("report/recall_vs_round.png"),
@@ -44,17 +60,18 @@ rule plots:
         cfg=stage_config("report"),
         out_dir=lambda wildcards, output: os.path.dirname(output.tsv),
     shell:
-        "llava-reid plots --config {params.cfg:q} --metrics {input:q}"
-        " --out-dir {params.out_dir:q} > {log} 2>&1"
+        "llava-reid plots --config {params.cfg:q} --metrics {input.metrics:q}"
+        " --dialogues {input.dialogues:q} --out-dir {params.out_dir:q} > {log} 2>&1"
 
 
 rule ranked_lists:
+    """Ranked-list pictures (JPEG) of a few test dialogues of one method, round by round."""
     input:
         dialogues=out("eval/{method}/dialogues.parquet"),
         gallery=out("features/test_gallery.parquet"),
     output:
         report(
-            out("report/ranked_lists/{method}.png"),
+            out("report/ranked_lists/{method}.jpg"),
             caption="../workflow/report/ranked_lists.rst",
             category="Evaluation",
             subcategory="Ranked lists",
@@ -75,3 +92,30 @@ rule ranked_lists:
         "llava-reid ranked-lists --config {params.cfg:q} --dialogues {input.dialogues}"
         " --gallery {input.gallery} --image-root {params.image_root} --out {output}"
         " > {log} 2>&1"
+
+
+rule training_curves:
+    """Loss and validation curves of every training stage, from their metrics histories."""
+    input:
+        **training_metrics(),
+    output:
+        report(
+            out("report/training_curves.png"),
+            caption="../workflow/report/training_curves.rst",
+            category="Training",
+            labels={"figure": "training curves"},
+        ),
+    log:
+        out("logs/report_training_curves.log"),
+    benchmark:
+        out("benchmarks/report_training_curves.tsv")
+    conda:
+        "../envs/train.yaml"
+    params:
+        cfg=stage_config(),
+        selector=lambda wildcards, input: (
+            f"--warmup {input.warmup} --joint {input.joint}" if "joint" in input.keys() else ""
+        ),
+    shell:
+        "llava-reid training-curves --config {params.cfg:q} --retriever {input.retriever}"
+        " --questioner {input.questioner} {params.selector} --out {output} > {log} 2>&1"

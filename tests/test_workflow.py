@@ -56,11 +56,12 @@ def test_every_artifact_is_built(workflow):
                 "questioner/adapter/adapter_config.json", "questioner/metrics.json",
                 "selector/warmup.safetensors", "joint/selector.safetensors",
                 "joint/adapter/adapter_config.json", "report/recall_vs_round.png",
+                "report/training_curves.png",
                 "report/metrics.tsv"]:
         assert (run / rel).exists(), rel
     for method in METHODS:
         assert (run / f"eval/{method}/dialogues.parquet").exists()
-        assert (run / f"report/ranked_lists/{method}.png").exists()
+        assert (run / f"report/ranked_lists/{method}.jpg").exists()
     # Every rule leaves a log and a benchmark.
     assert len(list((run / "logs").glob("*.log"))) >= 15
     assert len(list((run / "benchmarks").glob("*.tsv"))) >= 15

@@ -191,6 +191,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
         "Recall-vs-round and BRI plots and the per-round metric table of every method.",
         [
             ("--metrics", {"required": True, "nargs": "+", "help": "eval/{method}/metrics.json"}),
+            ("--dialogues", {"required": True, "nargs": "+",
+                             "help": "eval/{method}/dialogues.parquet, in the order of --metrics"}),
             ("--out-dir", {"required": True, "help": "folder for the figures and tables"}),
         ],
     ),
@@ -202,6 +204,18 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--dialogues", {"required": True, "help": "eval/{method}/dialogues.parquet"}),
             ("--gallery", {"required": True, "help": "features/test_gallery.parquet"}),
             ("--image-root", {"required": True}),
+            ("--out", {"required": True, "help": "JPEG file"}),
+        ],
+    ),
+    "training-curves": (
+        "llava_reid.report.training_curves",
+        "run",
+        "Loss and validation curves of every training stage, from their metrics histories.",
+        [
+            ("--retriever", {"required": True, "help": "retriever/metrics.json"}),
+            ("--questioner", {"required": True, "help": "questioner/metrics.json"}),
+            ("--warmup", {"help": "selector/warmup_metrics.json"}),
+            ("--joint", {"help": "joint/metrics.json"}),
             ("--out", {"required": True, "help": "PNG file"}),
         ],
     ),

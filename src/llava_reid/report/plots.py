@@ -1,14 +1,17 @@
 """Figures and tables comparing the evaluated methods round by round.
 
-Reads every method's ``eval/{method}/metrics.json`` and writes into one folder:
+Reads every method's ``eval/{method}/metrics.json`` and, for bootstrap confidence intervals over
+the test queries (see ``bootstrap``), its ``eval/{method}/dialogues.parquet``; writes into one
+folder:
 
 - ``recall_vs_round.png``: R@1, R@5 and R@10 against the dialogue round, one panel per metric,
-  one line per method;
+  one line per method with its 95 % interval shaded;
 - ``bri.png``: the Best-Rank Improvement of each method (lower is better);
 - ``metrics.tsv``: one row per method and round (R1, R5, R10, mAP, mINP in percent, and the
-  method's BRI), values written exactly as read;
-- ``metrics.html``: a small table for the Snakemake report: methods as rows, R@1 after every
-  round and the final R@5/R@10/mAP/mINP and BRI as columns, the best value of each column bold.
+  method's BRI), values written exactly as read, then the interval bounds of R1, R5 and R10;
+- ``metrics.html``: a small table for the Snakemake report: methods as rows, R@1 (with its
+  interval) after every round and the final R@5/R@10/mAP/mINP and BRI as columns, the best
+  value of each column bold; below it the paired differences of the final R@1 between methods.
 
 Output is deterministic: fixed figure size and dpi, matplotlib's default style whatever the
 user's matplotlibrc says, no software/date metadata in the PNG files, methods in the order given.
@@ -25,7 +28,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llava_reid.artifacts import atomic_path
+import numpy as np
+
+from llava_reid.artifacts import atomic_path, read_metadata
+from llava_reid.report import bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,9 @@ RECALLS = (("R1", "R@1"), ("R5", "R@5"), ("R10", "R@10"))
 DPI = 120
 RECALL_FIGSIZE = (13.0, 4.6)
 BRI_FIGSIZE_HEIGHT = 4.2
-TSV_COLUMNS = ("method", "label", "round", *METRICS, "BRI", "queries")
+CI_KEYS = ("R1", "R5", "R10")
+TSV_COLUMNS = ("method", "label", "round", *METRICS, "BRI", "queries",
+               *(f"{k}_{end}" for k in CI_KEYS for end in ("low", "high")))
 
 
 class MetricsError(ValueError):
@@ -82,6 +90,55 @@ def load_metrics(paths: list[str]) -> list[dict[str, Any]]:
     return methods
 
 
+def attach_intervals(methods: list[dict[str, Any]], dialogues: list[str], seed: int,
+                     resamples: int = bootstrap.RESAMPLES,
+                     ) -> tuple[list[bootstrap.Ranks], np.ndarray]:
+    """Add ``ci`` (``{"R1": (low, high), ...}`` in percent) to every per-round entry, from the
+    methods' dialogues (one file per method, same order). Every method is resampled with the
+    same query sets, so differences between methods are paired. Returns the methods' target
+    ranks and those resampled query indices."""
+    if len(dialogues) != len(methods):
+        raise MetricsError(f"{len(dialogues)} dialogue files for {len(methods)} metrics files")
+    all_ranks = []
+    for m, path in zip(methods, dialogues, strict=True):
+        named = read_metadata(path).get("method")
+        if named is not None and named != m["method"]:
+            raise MetricsError(f"{path}: dialogues of method {named!r}, expected {m['method']!r}"
+                               " (give the dialogues in the order of the metrics)")
+        ranks = bootstrap.load_ranks(path)
+        if len(ranks.ranks) != len(m["per_round"]):
+            raise MetricsError(f"{path}: {len(ranks.ranks)} rounds, but the metrics of "
+                               f"{m['method']!r} have {len(m['per_round'])}")
+        if all_ranks and not np.array_equal(ranks.query_ids, all_ranks[0].query_ids):
+            raise MetricsError(f"{path}: other test queries than {dialogues[0]}")
+        all_ranks.append(ranks)
+    idx = bootstrap.resample_indices(len(all_ranks[0].query_ids), seed, resamples)
+    for m, ranks in zip(methods, all_ranks, strict=True):
+        for entry, ci, round_ranks in zip(m["per_round"], bootstrap.recall_intervals(ranks, idx),
+                                          ranks.ranks, strict=True):
+            entry["ci"] = ci
+            point = 100.0 * float((round_ranks <= 1).mean())
+            if abs(point - _number(entry["R1"])) > 0.01:
+                log.warning("%s round %d: R@1 %.3f in metrics.json, %.3f from the dialogues' "
+                            "target ranks (the interval is around the latter)", m["method"],
+                            entry["round"], _number(entry["R1"]), point)
+    return all_ranks, idx
+
+
+def paired_differences(methods: list[dict[str, Any]], ranks: list[bootstrap.Ranks],
+                       idx: np.ndarray) -> list[dict[str, Any]]:
+    """Final-round R@1 of every method minus that of every method listed before it, in points,
+    with the paired bootstrap interval."""
+    rows = []
+    for i, (a, ra) in enumerate(zip(methods, ranks, strict=True)):
+        for b, rb in zip(methods[i + 1:], ranks[i + 1:], strict=True):
+            r = min(len(ra.ranks), len(rb.ranks)) - 1
+            diff, lo, hi = bootstrap.difference_interval(rb, ra, r, idx)
+            rows.append({"method": b["label"], "baseline": a["label"], "round": r,
+                         "diff": diff, "low": lo, "high": hi})
+    return rows
+
+
 def _number(value: Any) -> float:
     """A metric value as a float; None and non-numbers become NaN."""
     try:
@@ -97,7 +154,7 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i % 10) for i in range(n)]
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         # No "Software" entry: the bytes do not depend on the matplotlib version string.
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
@@ -119,6 +176,10 @@ def plot_recall(methods: list[dict[str, Any]], path: Path) -> None:
                 values = [_number(e[key]) for e in m["per_round"]]
                 ax.plot(rounds, values, marker=markers[i % len(markers)], color=color,
                         linewidth=1.8, markersize=5, label=m["label"])
+                if all("ci" in e for e in m["per_round"]):
+                    ax.fill_between(rounds, [e["ci"][key][0] for e in m["per_round"]],
+                                    [e["ci"][key][1] for e in m["per_round"]], color=color,
+                                    alpha=0.15, linewidth=0)
             ax.set_title(name)
             ax.set_xlabel("round (0 = initial description)")
             ax.set_ylabel(f"{name} (%)")
@@ -126,10 +187,13 @@ def plot_recall(methods: list[dict[str, Any]], path: Path) -> None:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(True, alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.suptitle("Target retrieved in the top k after each round of dialogue")
+        shaded = all("ci" in e for m in methods for e in m["per_round"])
+        fig.suptitle("Target retrieved in the top k after each round of dialogue"
+                     + (f" (shaded: {bootstrap.CONFIDENCE:.0%} bootstrap interval over queries)"
+                        if shaded else ""))
         fig.legend(handles, labels, loc="lower center", ncol=min(len(methods), 5), frameon=False)
         fig.tight_layout(rect=(0, 0.1, 1, 0.97))
-        _save(fig, path)
+        save_figure(fig, path)
 
 
 def plot_bri(methods: list[dict[str, Any]], path: Path) -> None:
@@ -161,7 +225,7 @@ def plot_bri(methods: list[dict[str, Any]], path: Path) -> None:
         ax.set_title("Best-Rank Improvement (lower is better)")
         ax.grid(True, axis="y", alpha=0.3)
         fig.tight_layout()
-        _save(fig, path)
+        save_figure(fig, path)
 
 
 def write_tsv(methods: list[dict[str, Any]], path: Path) -> None:
@@ -179,101 +243,161 @@ def write_tsv(methods: list[dict[str, Any]], path: Path) -> None:
     writer.writerow(TSV_COLUMNS)
     for m in methods:
         for entry in m["per_round"]:
+            ci = entry.get("ci", {})
+            bounds = [cell(round(v, 3)) if k in ci else "" for k in CI_KEYS
+                      for v in ci.get(k, (None, None))]
             writer.writerow(
                 [m["method"], m["label"], entry["round"], *(cell(entry[k]) for k in METRICS),
-                 cell(m["BRI"]), cell(m["queries"])]
+                 cell(m["BRI"]), cell(m["queries"]), *bounds]
             )
     with atomic_path(path, suffix=".tsv") as tmp:
         tmp.write_text(buf.getvalue())
 
 
-def _table_columns(methods: list[dict[str, Any]]) -> list[tuple[str, Any, bool, str]]:
-    """(header, value getter, higher is better, format) for each column of the HTML table."""
+Column = tuple[str, Any, bool, str, Any]
+
+
+def _table_columns(methods: list[dict[str, Any]]) -> list[Column]:
+    """(header, value getter, higher is better, format, interval getter or None) for each
+    column of the HTML table."""
     rounds = sorted({e["round"] for m in methods for e in m["per_round"]})
     finals = {m["per_round"][-1]["round"] for m in methods}
     final_name = f"after round {finals.pop()}" if len(finals) == 1 else "final"
 
-    def at_round(key: str, r: int):
-        def get(m):
-            return next((e[key] for e in m["per_round"] if e["round"] == r), None)
+    def entry_at(m: dict[str, Any], r: int) -> dict[str, Any]:
+        return next((e for e in m["per_round"] if e["round"] == r), {})
 
-        return get
+    def at_round(key: str, r: int):
+        return lambda m: entry_at(m, r).get(key)
+
+    def interval_at(key: str, r: int):
+        return lambda m: entry_at(m, r).get("ci", {}).get(key)
 
     def final(key: str):
         return lambda m: m["per_round"][-1][key]
 
-    cols: list[tuple[str, Any, bool, str]] = []
+    cols: list[Column] = []
     for r in rounds:
         name = "R@1 initial" if r == 0 else f"R@1 after round {r}"
-        cols.append((name, at_round("R1", r), True, ".1f"))
+        cols.append((name, at_round("R1", r), True, ".1f", interval_at("R1", r)))
     for key, name in (("R5", "R@5"), ("R10", "R@10"), ("mAP", "mAP"), ("mINP", "mINP")):
-        cols.append((f"{name} {final_name}", final(key), True, ".1f"))
-    cols.append(("BRI (lower is better)", lambda m: m["BRI"], False, ".3f"))
+        cols.append((f"{name} {final_name}", final(key), True, ".1f", None))
+    cols.append(("BRI (lower is better)", lambda m: m["BRI"], False, ".3f", None))
     return cols
 
 
 _CSS = """
 body { font-family: sans-serif; margin: 1em; }
-table { border-collapse: collapse; font-size: 14px; }
+table { border-collapse: collapse; font-size: 14px; margin-bottom: 1.5em; }
 th, td { border: 1px solid #bbb; padding: 4px 8px; text-align: right; }
 th { background: #eee; }
 td.method, th.method { text-align: left; }
+span.ci { color: #666; font-size: 12px; white-space: nowrap; }
 caption { caption-side: bottom; text-align: left; padding-top: 6px; color: #555; }
 """.strip()
 
 
-def write_html(methods: list[dict[str, Any]], path: Path) -> None:
+def _metrics_table(methods: list[dict[str, Any]]) -> list[str]:
     cols = _table_columns(methods)
     best: list[float | None] = []
-    for _, get, higher, _ in cols:
+    for _, get, higher, _, _ in cols:
         vals = [v for v in (_number(get(m)) for m in methods) if math.isfinite(v)]
         best.append((max(vals) if higher else min(vals)) if vals else None)
-
+    has_ci = any(ci is not None and ci(m) is not None for *_, ci in cols for m in methods)
     lines = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        '<head><meta charset="utf-8"><title>Interactive retrieval: metrics per method</title>',
-        f"<style>\n{_CSS}\n</style></head>",
-        "<body>",
         "<table>",
         "<caption>Percentages over all test queries (BRI: mean log best rank, lower is "
-        "better); the best value of each column is bold.</caption>",
+        "better); the best value of each column is bold."
+        + (f" Under R@1: its {bootstrap.CONFIDENCE:.0%} bootstrap interval "
+           f"({bootstrap.RESAMPLES} resamples of the test queries)." if has_ci else "")
+        + "</caption>",
         "<thead><tr>",
         '<th class="method">Method</th>',
-        *(f"<th>{html.escape(name)}</th>" for name, _, _, _ in cols),
+        *(f"<th>{html.escape(name)}</th>" for name, *_ in cols),
         "<th>queries</th><th>time (s)</th>",
         "</tr></thead>",
         "<tbody>",
     ]
     for m in methods:
         cells = [f'<td class="method">{html.escape(m["label"])}</td>']
-        for (_, get, _, fmt), b in zip(cols, best, strict=True):
+        for (_, get, _, fmt, interval), b in zip(cols, best, strict=True):
             v = _number(get(m))
             if not math.isfinite(v):
                 cells.append("<td>&ndash;</td>")
                 continue
             text = format(v, fmt)
-            cells.append(f"<td><b>{text}</b></td>" if v == b else f"<td>{text}</td>")
+            text = f"<b>{text}</b>" if v == b else text
+            ci = interval(m) if interval is not None else None
+            if ci is not None:
+                text += f'<br><span class="ci">{ci[0]:{fmt}}&ndash;{ci[1]:{fmt}}</span>'
+            cells.append(f"<td>{text}</td>")
         q, s = m["queries"], _number(m["seconds"])
         cells.append(f"<td>{html.escape(str(q)) if q is not None else '&ndash;'}</td>")
         cells.append(f"<td>{s:.1f}</td>" if math.isfinite(s) else "<td>&ndash;</td>")
         lines.append("<tr>" + "".join(cells) + "</tr>")
-    lines += ["</tbody>", "</table>", "</body>", "</html>", ""]
+    lines += ["</tbody>", "</table>"]
+    return lines
+
+
+def _differences_table(differences: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "<table>",
+        f"<caption>Difference in R@1 (points) after the last round, with its "
+        f"{bootstrap.CONFIDENCE:.0%} paired bootstrap interval (every method resampled with the "
+        "same test queries); bold where the interval excludes 0.</caption>",
+        '<thead><tr><th class="method">Method</th><th class="method">minus</th>'
+        "<th>R@1 difference</th><th>interval</th></tr></thead>",
+        "<tbody>",
+    ]
+    for d in differences:
+        clear = d["low"] > 0 or d["high"] < 0
+        diff = f"{d['diff']:+.1f}"
+        lines.append(
+            f'<tr><td class="method">{html.escape(d["method"])}</td>'
+            f'<td class="method">{html.escape(d["baseline"])}</td>'
+            f"<td>{f'<b>{diff}</b>' if clear else diff}</td>"
+            f"<td>{d['low']:+.1f} to {d['high']:+.1f}</td></tr>")
+    lines += ["</tbody>", "</table>"]
+    return lines
+
+
+def write_html(methods: list[dict[str, Any]], path: Path,
+               differences: list[dict[str, Any]] | None = None) -> None:
+    lines = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        '<head><meta charset="utf-8"><title>Interactive retrieval: metrics per method</title>',
+        f"<style>\n{_CSS}\n</style></head>",
+        "<body>",
+        *_metrics_table(methods),
+        *(_differences_table(differences) if differences else []),
+        "</body>",
+        "</html>",
+        "",
+    ]
     with atomic_path(path, suffix=".html") as tmp:
         tmp.write_text("\n".join(lines))
 
 
-def run(cfg: dict[str, Any], metrics: list[str], out_dir: str) -> None:
-    """Write recall_vs_round.png, bri.png, metrics.tsv and metrics.html into ``out_dir``."""
+def run(cfg: dict[str, Any], metrics: list[str], dialogues: list[str], out_dir: str) -> None:
+    """Write recall_vs_round.png, bri.png, metrics.tsv and metrics.html into ``out_dir``; the
+    intervals come from ``dialogues`` (one per metrics file, same order), seeded by
+    ``cfg["seed"]``."""
     methods = load_metrics(list(metrics))
+    ranks, idx = attach_intervals(methods, list(dialogues), int(cfg["seed"]))
+    differences = paired_differences(methods, ranks, idx)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_recall(methods, out / "recall_vs_round.png")
     plot_bri(methods, out / "bri.png")
     write_tsv(methods, out / "metrics.tsv")
-    write_html(methods, out / "metrics.html")
+    write_html(methods, out / "metrics.html", differences)
     for m in methods:
         first, last = m["per_round"][0], m["per_round"][-1]
-        log.info("%s: R@1 %.1f -> %.1f after round %d, BRI %s", m["label"], _number(first["R1"]),
-                 _number(last["R1"]), last["round"], m["BRI"])
+        lo, hi = last["ci"]["R1"]
+        log.info("%s: R@1 %.1f -> %.1f [%.1f, %.1f] after round %d, BRI %s", m["label"],
+                 _number(first["R1"]), _number(last["R1"]), lo, hi, last["round"], m["BRI"])
+    for d in differences:
+        log.info("R@1 %s minus %s: %+.1f [%+.1f, %+.1f]", d["method"], d["baseline"], d["diff"],
+                 d["low"], d["high"])
     log.info("wrote plots and tables of %d methods to %s", len(methods), out)

@@ -2,9 +2,11 @@
 
 For each chosen dialogue the picture has one row per round: on the left the retriever query of
 that round (wrapped; when it is long, its newest part), the question asked after the ranking and
-its answer; on the right the top-k gallery images of that round's ranking, best first, with the
-images of the target identity framed in green, a blue dot under the images that were shown to
-the questioner, and the target's rank.
+its answer; on the right the top-k gallery images of that round's ranking, best first, framed as
+ReID ranked lists usually are: green for an image of the target identity, red for a wrong match;
+a blue dot under the images that were shown to the questioner, and the target's rank.
+
+Written as JPEG (photographs as thumbnails: a tenth of the PNG's size).
 
 Dialogues are chosen deterministically from ``cfg["seed"]``: mostly dialogues where the
 target's rank improved from the first to the last round, plus at least one where it did not
@@ -34,6 +36,7 @@ BORDER = 4  # frame width around a thumbnail
 MAX_THUMB_W, MAX_THUMB_H = 100, 200
 MAX_QUERY_LINES = 6
 MAX_QA_LINES = 3
+JPEG_QUALITY = 85
 
 WHITE = (255, 255, 255)
 BLACK = (20, 20, 20)
@@ -259,7 +262,7 @@ def render(
     legend = (
         "Each row: the retriever query of that round, the question asked next and its answer; "
         f"right: the top {top_k} gallery images, best first. Green frame = an image of the "
-        "target identity; blue dot = shown to the questioner."
+        "target identity, red frame = a wrong match; blue dot = shown to the questioner."
     )
     legend_lines = wrap(legend, font, WIDTH - 2 * MARGIN, scratch)
     header_h = lh[id(head_font)] + 2 * PAD
@@ -297,10 +300,7 @@ def render(
                                      y0 + BORDER + (thumb_h - thumb.height) // 2))
                 is_target = gallery.pid.get(image_idx) == row.target_pid
                 box = (x0, y0, x0 + frame_w - 1, y0 + frame_h - 1)
-                if is_target:
-                    draw.rectangle(box, outline=GREEN, width=BORDER)
-                else:
-                    draw.rectangle(box, outline=LIGHT, width=1)
+                draw.rectangle(box, outline=GREEN if is_target else RED, width=BORDER)
                 label = f"#{pos + 1}"
                 ly = y0 + frame_h + 2
                 lw = draw.textlength(label, font=small)
@@ -318,7 +318,7 @@ def render(
 
 
 def run(cfg: dict[str, Any], dialogues: str, gallery: str, image_root: str, out: str) -> None:
-    """Draw ``cfg["report"]["queries"]`` dialogues of one method into the PNG ``out``."""
+    """Draw ``cfg["report"]["queries"]`` dialogues of one method into the JPEG ``out``."""
     settings = cfg["report"]
     top_k = int(settings["top_k"])
     by_query = _load_dialogues(dialogues)
@@ -334,6 +334,6 @@ def run(cfg: dict[str, Any], dialogues: str, gallery: str, image_root: str, out:
     picture, _ = render(by_query, chosen, g, top_k, f"Ranked lists: {method}")
     if g.missing:
         log.warning("%d gallery images could not be opened (drawn grey)", len(set(g.missing)))
-    with atomic_path(out, suffix=".png") as tmp:
-        picture.save(tmp, format="PNG", optimize=True)
+    with atomic_path(out, suffix=".jpg") as tmp:
+        picture.save(tmp, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     log.info("drew dialogues %s of %s (%dx%d px) to %s", chosen, method, *picture.size, out)
