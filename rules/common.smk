@@ -155,3 +155,15 @@ def report_targets():
         *expand(out("report/ranked_lists/{method}.jpg"), method=eval_methods()),
         out("report/training_curves.png"),
     ]
+
+
+def training_metrics():
+    """The metrics.json (with a history) of every training stage this run has."""
+    stages = {
+        "retriever": out("retriever/metrics.json"),
+        "questioner": out("questioner/metrics.json"),
+    }
+    if "selector" in config["evaluate"]["methods"]:
+        stages["warmup"] = out("selector/warmup_metrics.json")
+        stages["joint"] = out("joint/metrics.json")
+    return stages

@@ -3,18 +3,6 @@
 # curves, all flagged for `snakemake --report`.
 
 
-def training_metrics():
-    """The metrics.json (with a history) of every training stage this run has."""
-    stages = {
-        "retriever": out("retriever/metrics.json"),
-        "questioner": out("questioner/metrics.json"),
-    }
-    if "selector" in config["evaluate"]["methods"]:
-        stages["warmup"] = out("selector/warmup_metrics.json")
-        stages["joint"] = out("joint/metrics.json")
-    return stages
-
-
 rule plots:
     """R@k-vs-round and BRI figures and the metrics tables of every evaluated method, with
     seeded bootstrap intervals over the test queries."""
@@ -114,7 +102,9 @@ rule training_curves:
     params:
         cfg=stage_config(),
         selector=lambda wildcards, input: (
-            f"--warmup {input.warmup} --joint {input.joint}" if "joint" in input.keys() else ""
+            f"--warmup {input.warmup} --joint {input.joint}"
+            if "joint" in input.keys()
+            else ""
         ),
     shell:
         "llava-reid training-curves --config {params.cfg:q} --retriever {input.retriever}"

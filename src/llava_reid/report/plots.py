@@ -5,7 +5,7 @@ the test queries (see ``bootstrap``), its ``eval/{method}/dialogues.parquet``; w
 folder:
 
 - ``recall_vs_round.png``: R@1, R@5 and R@10 against the dialogue round, one panel per metric,
-  one line per method with its 95 % interval shaded;
+  one line per method with its 95 % interval as error bars;
 - ``bri.png``: the Best-Rank Improvement of each method (lower is better);
 - ``metrics.tsv``: one row per method and round (R1, R5, R10, mAP, mINP in percent, and the
   method's BRI), values written exactly as read, then the interval bounds of R1, R5 and R10;
@@ -39,6 +39,7 @@ METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 RECALLS = (("R1", "R@1"), ("R5", "R@5"), ("R10", "R@10"))
 DPI = 120
 RECALL_FIGSIZE = (13.0, 4.6)
+DODGE = 0.07  # horizontal offset between methods at one round
 BRI_FIGSIZE_HEIGHT = 4.2
 CI_KEYS = ("R1", "R5", "R10")
 TSV_COLUMNS = ("method", "label", "round", *METRICS, "BRI", "queries",
@@ -172,25 +173,31 @@ def plot_recall(methods: list[dict[str, Any]], path: Path) -> None:
         axes = fig.subplots(1, len(RECALLS), sharex=True)
         for ax, (key, name) in zip(axes, RECALLS, strict=True):
             for i, (m, color) in enumerate(zip(methods, _colors(len(methods)), strict=True)):
-                rounds = [e["round"] for e in m["per_round"]]
+                # Methods side by side around each round, so their interval bars stay apart.
+                shift = DODGE * (i - (len(methods) - 1) / 2)
+                rounds = [e["round"] + shift for e in m["per_round"]]
                 values = [_number(e[key]) for e in m["per_round"]]
                 ax.plot(rounds, values, marker=markers[i % len(markers)], color=color,
                         linewidth=1.8, markersize=5, label=m["label"])
                 if all("ci" in e for e in m["per_round"]):
-                    ax.fill_between(rounds, [e["ci"][key][0] for e in m["per_round"]],
-                                    [e["ci"][key][1] for e in m["per_round"]], color=color,
-                                    alpha=0.15, linewidth=0)
+                    below = [v - e["ci"][key][0] for v, e in zip(values, m["per_round"],
+                                                                 strict=True)]
+                    above = [e["ci"][key][1] - v for v, e in zip(values, m["per_round"],
+                                                                 strict=True)]
+                    ax.errorbar(rounds, values, yerr=[[max(b, 0.0) for b in below],
+                                                      [max(a, 0.0) for a in above]],
+                                fmt="none", ecolor=color, elinewidth=1.2, capsize=3, alpha=0.8)
             ax.set_title(name)
             ax.set_xlabel("round (0 = initial description)")
             ax.set_ylabel(f"{name} (%)")
-            ax.set_xlim(-0.25, max(max_round, 1) + 0.25)
+            ax.set_xlim(-0.4, max(max_round, 1) + 0.4)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(True, alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
-        shaded = all("ci" in e for m in methods for e in m["per_round"])
+        with_ci = all("ci" in e for m in methods for e in m["per_round"])
         fig.suptitle("Target retrieved in the top k after each round of dialogue"
-                     + (f" (shaded: {bootstrap.CONFIDENCE:.0%} bootstrap interval over queries)"
-                        if shaded else ""))
+                     + (f" (bars: {bootstrap.CONFIDENCE:.0%} bootstrap interval over queries)"
+                        if with_ci else ""))
         fig.legend(handles, labels, loc="lower center", ncol=min(len(methods), 5), frameon=False)
         fig.tight_layout(rect=(0, 0.1, 1, 0.97))
         save_figure(fig, path)
@@ -309,7 +316,7 @@ def _metrics_table(methods: list[dict[str, Any]]) -> list[str]:
         "<caption>Percentages over all test queries (BRI: mean log best rank, lower is "
         "better); the best value of each column is bold."
         + (f" Under R@1: its {bootstrap.CONFIDENCE:.0%} bootstrap interval "
-           f"({bootstrap.RESAMPLES} resamples of the test queries)." if has_ci else "")
+           f"({bootstrap.RESAMPLES:,} resamples of the test queries)." if has_ci else "")
         + "</caption>",
         "<thead><tr>",
         '<th class="method">Method</th>',

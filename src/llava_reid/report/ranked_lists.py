@@ -6,7 +6,7 @@ its answer; on the right the top-k gallery images of that round's ranking, best 
 ReID ranked lists usually are: green for an image of the target identity, red for a wrong match;
 a blue dot under the images that were shown to the questioner, and the target's rank.
 
-Written as JPEG (photographs as thumbnails: a tenth of the PNG's size).
+Written as JPEG (mostly photographs: about a fifth of the size of a PNG).
 
 Dialogues are chosen deterministically from ``cfg["seed"]``: mostly dialogues where the
 target's rank improved from the first to the last round, plus at least one where it did not
@@ -36,7 +36,7 @@ BORDER = 4  # frame width around a thumbnail
 MAX_THUMB_W, MAX_THUMB_H = 100, 200
 MAX_QUERY_LINES = 6
 MAX_QA_LINES = 3
-JPEG_QUALITY = 85
+JPEG_QUALITY = 80
 
 WHITE = (255, 255, 255)
 BLACK = (20, 20, 20)

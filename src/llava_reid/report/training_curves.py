@@ -72,10 +72,14 @@ def _steps(history: list[dict[str, Any]]) -> tuple[list[int], list[float], list[
 
 def _step_loss(ax: Any, history: list[dict[str, Any]], title: str) -> None:
     xs, ys, boundaries = _steps(history)
-    ax.plot(xs, ys, color="tab:blue", alpha=0.35, linewidth=0.8, label="step loss")
-    window = max(1, min(SMOOTH_WINDOW, len(ys) // 5))
-    ax.plot(xs, _moving_average(ys, window), color="tab:blue", linewidth=1.8,
-            label=f"mean of last {window} steps")
+    window = min(SMOOTH_WINDOW, len(ys) // 5)
+    if window < 2:  # too few steps to smooth
+        ax.plot(xs, ys, color="tab:blue", linewidth=1.5, marker="o", markersize=3,
+                label="step loss")
+    else:
+        ax.plot(xs, ys, color="tab:blue", alpha=0.35, linewidth=0.8, label="step loss")
+        ax.plot(xs, _moving_average(ys, window), color="tab:blue", linewidth=1.8,
+                label=f"mean of last {window} steps")
     for b in boundaries:
         ax.axvline(b - 0.5, color="grey", linestyle=":", linewidth=1)
     ax.set_title(title)
@@ -142,7 +146,8 @@ def warmup_curves(ax: Any, history: list[dict[str, Any]]) -> None:
     twin.plot([r["epoch"] for r in history], [100 * float(r["heldout_agreement"])
                                               for r in history],
               marker="s", markersize=4, color="tab:orange", label="held-out agreement")
-    twin.set_ylabel("agreement with plain top-k (%)", color="tab:orange")
+    twin.set_ylabel("held-out agreement with plain top-k (%)", color="tab:orange")
+    twin.set_ylim(0, 105)
     ax.set_title("Selector warm-up (epoch 0: untrained)")
 
 
@@ -161,6 +166,7 @@ def run(cfg: dict[str, Any], retriever: str, questioner: str, out: str,
     """Draw the training curves of the given stages' metrics.json into the PNG ``out``."""
     import matplotlib.style
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     r_data, r_hist = _history(retriever, ("epoch", "loss", "val"))
     q_data, q_hist = _history(questioner, ("epoch", "loss"))
@@ -183,6 +189,7 @@ def run(cfg: dict[str, Any], retriever: str, questioner: str, out: str,
         for ax, draw in zip(axes, panels, strict=False):
             draw(ax)
             ax.grid(True, alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in axes[len(panels):]:
             ax.set_axis_off()
         fig.tight_layout()
