@@ -95,9 +95,9 @@ def _passed_tree(keys: Iterable[str]) -> dict[str, Any]:
 class StageConfig(dict):
     """A stage's view whose partly passed sections refuse keys the rule did not pass.
 
-    ``view["dialogue"]["num_candidates"]``, ``.get`` and ``in`` on a key missing from a
-    partly passed section raise :class:`ConfigKeyNotPassed`; sections passed whole behave as
-    plain dicts.
+    ``view["dialogue"]["num_candidates"]`` and ``.get`` of a key missing from a partly passed
+    section raise :class:`ConfigKeyNotPassed` (``in`` answers False); sections passed whole
+    behave as plain dicts.
     """
 
     def __init__(self, data: dict[str, Any], passed: dict[str, Any], stage: str,
@@ -130,5 +130,5 @@ class StageConfig(dict):
         return super().get(key, default)
 
     def __contains__(self, key: object) -> bool:
-        self._check(key)
-        return super().__contains__(key)
+        # "Was I passed this?" is a fair question: an unpassed key is simply absent.
+        return key in self._passed and super().__contains__(key)
