@@ -1,5 +1,6 @@
-import json
 import os
+
+from llava_reid.stage_views import QUESTIONER_METHODS, stage_view_json
 
 RESULTS = f"{config['results']}/{config['run']}"
 SPLITS = ["train", "val", "test"]
@@ -10,27 +11,10 @@ def out(path):
     return f"{RESULTS}/{path}"
 
 
-def stage_config(*keys):
-    """JSON of what one stage reads: seed, device and the named sections or dotted sub-keys
-    ("questioner.tiny"). A rule param, so editing a key reruns exactly the stages that read
-    it (the CLI checks the view's types against the schema)."""
-    view = {"seed": config["seed"], "device": config["device"]}
-    for key in keys:
-        *parents, leaf = key.split(".")
-        source, target = config, view
-        for name in parents:
-            source = source[name]
-            target = target.setdefault(name, {})
-        target[leaf] = source[leaf]
-    return json.dumps(view, sort_keys=True)
-
-
-# What the questioner's inference stages read: image preprocessing and visual-token pooling.
-QUESTIONER_INPUT = (
-    "questioner.pool_ratio",
-    "questioner.image_mean",
-    "questioner.image_std",
-)
+def stage_config(stage, method=None):
+    """JSON of exactly the config keys one stage reads (``llava_reid.stage_views``): a rule
+    param, so editing a key reruns exactly the stages that read it and what follows."""
+    return stage_view_json(config, stage, method)
 
 
 def annotation_json():
@@ -90,9 +74,6 @@ def all_targets():
 
 # -- evaluation -----------------------------------------------------------------------------
 
-QUESTIONER_METHODS = ("questioner", "selector")
-
-
 def eval_chunks(wildcards):
     """A method's evaluation chunks: eval/{method}/chunks/{i}-of-{n}.parquet, i < n."""
     n = config["evaluate"]["chunks"]
@@ -122,10 +103,7 @@ def method_models(wildcards):
 def evaluate_config(wildcards):
     """An evaluation chunk's view: the questioner's settings only for the methods that run it,
     so tuning the questioner never reruns the initial / random / oracle baselines."""
-    keys = ["features", "dialogue", "answerer"]
-    if wildcards.method in QUESTIONER_METHODS:
-        keys += [*QUESTIONER_INPUT, "evaluate.generation"]
-    return stage_config(*keys)
+    return stage_config("evaluate", wildcards.method)
 
 
 def model_flags(wildcards, input):

@@ -12,7 +12,7 @@ rule synthesize_data:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config("data"),
+        cfg=stage_config("synthesize"),
         root=lambda wildcards, output: os.path.dirname(output.annotations),
     shell:
         "llava-reid synthesize --config {params.cfg:q} --out-dir {params.root} > {log} 2>&1"
@@ -30,7 +30,7 @@ rule load_annotations:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config("data"),
+        cfg=stage_config("load-annotations"),
         image_root=lambda wildcards, input: annotation_image_root(input.annotations),
     shell:
         "llava-reid load-annotations --config {params.cfg:q} --annotations {input.annotations}"

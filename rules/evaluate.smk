@@ -50,7 +50,7 @@ rule merge_eval:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config(),
+        cfg=stage_config("merge-eval"),
     shell:
         "llava-reid merge-eval --config {params.cfg:q} --method {wildcards.method}"
         " --chunks {input.chunks} --gallery {input.gallery} --queries {input.queries}"

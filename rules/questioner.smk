@@ -19,7 +19,7 @@ rule prepare_data:
     resources:
         gpu=1,
     params:
-        cfg=stage_config("prepare", "dialogue"),
+        cfg=stage_config("prepare-data"),
     shell:
         "llava-reid --nproc {resources.gpu} prepare-data --config {params.cfg:q}"
         " --annotations {input.annotations} --gallery {input.gallery}"
@@ -39,7 +39,7 @@ rule build_tiny_questioner:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config("questioner.tiny"),
+        cfg=stage_config("build-tiny-questioner"),
     shell:
         "llava-reid build-tiny-questioner --config {params.cfg:q} --annotations {input}"
         " --out {output} > {log} 2>&1"
@@ -63,7 +63,7 @@ rule cache_visual_tokens:
     resources:
         gpu=1,
     params:
-        cfg=stage_config(*QUESTIONER_INPUT, "questioner.cache_batch_size"),
+        cfg=stage_config("cache-visual-tokens"),
         image_root=image_root(),
         adapter=lambda wildcards, input: (
             f"--adapter {input.adapter}" if input.adapter else ""
@@ -94,7 +94,7 @@ rule train_questioner:
     resources:
         gpu=1,
     params:
-        cfg=stage_config("questioner", "dialogue"),
+        cfg=stage_config("train-questioner"),
         image_root=image_root(),
         # Not an output: Snakemake would delete it on failure, and resuming needs it.
         checkpoints=out("questioner/checkpoints"),

@@ -45,7 +45,7 @@ rule plots:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config("report"),
+        cfg=stage_config("plots"),
         out_dir=lambda wildcards, output: os.path.dirname(output.tsv),
     shell:
         "llava-reid plots --config {params.cfg:q} --metrics {input.metrics:q}"
@@ -74,7 +74,7 @@ rule ranked_lists:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config("report"),
+        cfg=stage_config("ranked-lists"),
         image_root=image_root(),
     shell:
         "llava-reid ranked-lists --config {params.cfg:q} --dialogues {input.dialogues}"

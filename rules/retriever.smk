@@ -13,7 +13,7 @@ rule init_retriever:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config("retriever"),
+        cfg=stage_config("init-retriever"),
     shell:
         "llava-reid init-retriever --config {params.cfg:q} --annotations {input}"
         " --out {output} > {log} 2>&1"
@@ -36,7 +36,7 @@ rule train_retriever:
     resources:
         gpu=1,
     params:
-        cfg=stage_config("retriever"),
+        cfg=stage_config("train-retriever"),
         image_root=image_root(),
         # Not an output: Snakemake would delete it on failure, and resuming needs it.
         checkpoints=out("retriever/checkpoints"),
@@ -64,7 +64,7 @@ rule cache_features:
     resources:
         gpu=1,
     params:
-        cfg=stage_config("features"),
+        cfg=stage_config("cache-features"),
         image_root=image_root(),
     shell:
         "llava-reid cache-features --config {params.cfg:q} --annotations {input.annotations}"

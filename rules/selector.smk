@@ -18,7 +18,7 @@ rule warmup_selector:
     resources:
         gpu=1,
     params:
-        cfg=stage_config("selector", "dialogue"),
+        cfg=stage_config("warmup-selector"),
     shell:
         "llava-reid warmup-selector --config {params.cfg:q}"
         " --conversations {input.conversations} --gallery {input.gallery}"
@@ -50,7 +50,7 @@ rule train_joint:
     resources:
         gpu=1,
     params:
-        cfg=stage_config("questioner", "joint", "dialogue", "features"),
+        cfg=stage_config("train-joint"),
         image_root=image_root(),
         # Not an output: Snakemake would delete it on failure, and resuming needs it.
         checkpoints=out("joint/checkpoints"),

@@ -201,6 +201,18 @@ def test_editing_sft_keeps_the_model_caches_and_the_baselines(workflow, tmp_path
     assert {m for r, m in jobs if r == "evaluate"} == {"questioner", "selector"}
 
 
+def test_editing_num_candidates_keeps_the_training_data_and_the_baselines(workflow, tmp_path):
+    """prepare_data and the question-free baselines do not read num_candidates: editing it
+    reruns the questioner's stages and the selector only."""
+    jobs = _planned_jobs(workflow, tmp_path,
+                         lambda cfg: cfg["dialogue"].update(num_candidates=3))
+    rules = {r for r, _ in jobs}
+    assert {"train_questioner", "warmup_selector", "train_joint", "evaluate"} <= rules
+    assert not rules & {"prepare_data", "train_retriever", "cache_features",
+                        "cache_visual_tokens"}, rules
+    assert {m for r, m in jobs if r == "evaluate"} == {"questioner", "selector"}
+
+
 def _interrupt_after_checkpoint(args: list[str], cfg: dict, checkpoints: Path, timeout=600):
     """Start a training stage, kill it once its first resumable checkpoint exists."""
     import json as _json

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from llava_reid.config import load_config
 from llava_reid.runtime import setup_logging
+from llava_reid.stage_views import STAGE_KEYS, StageConfig
 
 # subcommand -> (module, function, help, [(flag, kwargs), ...])
 Arg = tuple[str, dict]
@@ -270,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     module, function, _, _ = COMMANDS[args.command]
     cfg = load_config(args.config)
+    if args.config.lstrip().startswith("{") and args.command in STAGE_KEYS:
+        # A rule's view: reading a key the rule does not pass is an error, not a silent miss.
+        cfg = StageConfig.wrap(cfg, args.command, getattr(args, "method", None))
     kwargs = {
         k: v
         for k, v in vars(args).items()

@@ -95,11 +95,3 @@ def load_config(value: str) -> dict[str, Any]:
             raise ConfigError(f"{path}: config must be a mapping")
     validate_section(cfg, source, view=view)
     return cfg
-
-
-def stage_view(cfg: dict[str, Any], *sections: str) -> dict[str, Any]:
-    """The part of the config a stage depends on: seed, device and the named sections."""
-    view = {"seed": cfg["seed"], "device": cfg["device"]}
-    for name in sections:
-        view[name] = cfg[name]
-    return view

@@ -55,7 +55,3 @@ def config_hash(section: Any) -> str:
     """A short stable hash of a config (sub)tree, stored in every artifact's metadata."""
     blob = json.dumps(section, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def num_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)

@@ -129,10 +129,6 @@ class Questioner:
             net = net.get_base_model()
         return net
 
-    @property
-    def hidden_size(self) -> int:
-        return self.base.config.text_config.hidden_size
-
     def _single_id(self, token: str) -> int:
         ids = self.tokenizer.convert_tokens_to_ids(token)
         if ids is None or ids == self.tokenizer.unk_token_id:

@@ -12,7 +12,6 @@ held-out loss and the generated questions.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,11 +41,6 @@ class Example:
         """Characters of the prompt text and target: a tokenizer-free proxy of the sequence
         length (image slots are the same for every example), for length-grouped batches."""
         return len(self.prompt(1).as_text()) + len(self.target)
-
-
-def valid_pool_size(pool_size: int, round_: int) -> int:
-    """Pool positions open in round r (0-based): ceil(N / (r + 1)): 200, 100, 67, 50, 40."""
-    return math.ceil(pool_size / (round_ + 1))
 
 
 def load_examples(conversations: str) -> list[Example]:

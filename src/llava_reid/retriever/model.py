@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
@@ -159,8 +158,3 @@ def load_clip(path: str | Path, dtype: torch.dtype = torch.float32) -> CLIPModel
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def similarity(text_feats: torch.Tensor, image_feats: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity matrix [T, I]."""
-    return F.normalize(text_feats, dim=-1) @ F.normalize(image_feats, dim=-1).t()

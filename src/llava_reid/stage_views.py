@@ -1,0 +1,134 @@
+"""Which config keys each stage reads: the one table the rules cut their views from.
+
+A rule passes its stage exactly these keys (plus ``seed`` and ``device``) as the ``cfg`` param,
+so Snakemake reruns a stage when, and only when, a key it reads changes. The CLI wraps an
+inline view in :class:`StageConfig`, so a stage that reads a key its rule does not pass fails
+at once, naming the key, instead of silently depending on a key whose edits would not rerun it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+# Always passed: every stage is seeded and placed on a device.
+COMMON_KEYS = ("seed", "device")
+
+# Image preprocessing and visual-token pooling: what loading the questioner reads.
+QUESTIONER_INPUT = ("questioner.pool_ratio", "questioner.image_mean", "questioner.image_std")
+# What building the questioner for training reads (the LoRA set-up and the SFT schedule).
+QUESTIONER_TRAINING = (*QUESTIONER_INPUT, "questioner.load_in_4bit", "questioner.train_projector",
+                       "questioner.lora", "questioner.sft")
+
+# Evaluation methods that run the questioner (the others are baselines).
+QUESTIONER_METHODS = ("questioner", "selector")
+
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "synthesize": ("data.synthetic",),
+    "load-annotations": ("data",),
+    "init-retriever": ("retriever.pretrained", "retriever.tiny", "retriever.text_length",
+                       "retriever.image_height", "retriever.image_width"),
+    "train-retriever": ("retriever",),
+    "cache-features": ("features",),
+    "prepare-data": ("prepare", "dialogue.rounds", "dialogue.pool_size"),
+    "build-tiny-questioner": ("questioner.tiny",),
+    "cache-visual-tokens": (*QUESTIONER_INPUT, "questioner.cache_batch_size"),
+    "train-questioner": (*QUESTIONER_TRAINING, "dialogue.num_candidates"),
+    "warmup-selector": ("selector", "dialogue.pool_size", "dialogue.num_candidates"),
+    "train-joint": (*QUESTIONER_TRAINING, "joint", "dialogue.pool_size",
+                    "dialogue.num_candidates", "features.batch_size"),
+    "evaluate": ("answerer", "dialogue.rounds", "dialogue.pool_size", "features.batch_size"),
+    "merge-eval": (),
+    "plots": ("report",),
+    "ranked-lists": ("report",),
+}
+
+# What the questioner's methods read on top of the baselines' evaluation keys.
+EVALUATE_QUESTIONER = (*QUESTIONER_INPUT, "dialogue.num_candidates", "evaluate.generation")
+
+
+def stage_keys(stage: str, method: str | None = None) -> tuple[str, ...]:
+    """The dotted keys ``stage`` reads (``method`` for ``evaluate``), common keys first."""
+    if stage not in STAGE_KEYS:
+        raise KeyError(f"no config view declared for stage {stage!r}")
+    keys = STAGE_KEYS[stage]
+    if stage == "evaluate" and method in QUESTIONER_METHODS:
+        keys = (*keys, *EVALUATE_QUESTIONER)
+    return (*COMMON_KEYS, *keys)
+
+
+def cut_view(config: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The sub-config holding exactly ``keys`` (top-level sections or dotted sub-keys)."""
+    view: dict[str, Any] = {}
+    for key in keys:
+        *parents, leaf = key.split(".")
+        source, target = config, view
+        for name in parents:
+            source = source[name]
+            target = target.setdefault(name, {})
+        target[leaf] = source[leaf]
+    return view
+
+
+def stage_view_json(config: dict[str, Any], stage: str, method: str | None = None) -> str:
+    """The JSON a rule passes as ``--config`` (sorted keys: a stable Snakemake param)."""
+    return json.dumps(cut_view(config, stage_keys(stage, method)), sort_keys=True)
+
+
+class ConfigKeyNotPassed(LookupError):
+    """A stage read a config key that its rule does not pass it."""
+
+
+def _passed_tree(keys: Iterable[str]) -> dict[str, Any]:
+    """Dotted keys as a tree: ``True`` marks a subtree passed whole."""
+    tree: dict[str, Any] = {}
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = True
+    return tree
+
+
+class StageConfig(dict):
+    """A stage's view whose partly passed sections refuse keys the rule did not pass.
+
+    ``view["dialogue"]["num_candidates"]`` and ``.get`` of a key missing from a partly passed
+    section raise :class:`ConfigKeyNotPassed` (``in`` answers False); sections passed whole
+    behave as plain dicts.
+    """
+
+    def __init__(self, data: dict[str, Any], passed: dict[str, Any], stage: str,
+                 path: str = ""):
+        super().__init__()
+        self._passed, self._stage, self._path = passed, stage, path
+        for key, value in data.items():
+            node = passed.get(key)
+            if isinstance(node, dict) and isinstance(value, dict):
+                value = StageConfig(value, node, stage, f"{path}{key}.")
+            super().__setitem__(key, value)
+
+    @classmethod
+    def wrap(cls, view: dict[str, Any], stage: str, method: str | None = None) -> StageConfig:
+        return cls(view, _passed_tree(stage_keys(stage, method)), stage)
+
+    def _check(self, key: object) -> None:
+        if key not in self._passed:
+            raise ConfigKeyNotPassed(
+                f"stage {self._stage!r} read config key '{self._path}{key}', which its rule "
+                f"does not pass: add it to STAGE_KEYS[{self._stage!r}] in "
+                "llava_reid/stage_views.py")
+
+    def __getitem__(self, key: Any) -> Any:
+        self._check(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._check(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        # "Was I passed this?" is a fair question: an unpassed key is simply absent.
+        return key in self._passed and super().__contains__(key)

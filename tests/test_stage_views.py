@@ -1,0 +1,172 @@
+"""Each stage is passed exactly the config keys it reads.
+
+The table below says, for every leaf key of config.yaml, which stages read it: editing that key
+must rerun those stages (and what follows) and no other. It is checked against the views the
+rules really pass (one dry run prints every job's ``--config``), and the CLI refuses a stage
+that reads a key its view lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from llava_reid.stage_views import (
+    STAGE_KEYS,
+    ConfigKeyNotPassed,
+    StageConfig,
+    cut_view,
+    stage_keys,
+)
+from tests.conftest import REPO, base_config, llava_reid, small_config
+
+ALL = set(STAGE_KEYS) | {"evaluate:questioner"}
+EVAL = {"evaluate", "evaluate:questioner"}
+QUESTIONER_TRAINING = {"train-questioner", "train-joint"}
+
+# Longest matching prefix wins. "evaluate" = the baselines' chunks (initial, random, oracle);
+# "evaluate:questioner" = the chunks of the methods that run the questioner.
+READERS: dict[str, set[str]] = {
+    "run": set(),
+    "results": set(),
+    "seed": ALL,
+    "device": ALL,
+    "data": {"load-annotations"},
+    "data.synthetic": {"synthesize", "load-annotations"},
+    "retriever": {"train-retriever"},
+    "retriever.pretrained": {"init-retriever", "train-retriever"},
+    "retriever.tiny": {"init-retriever", "train-retriever"},
+    "retriever.text_length": {"init-retriever", "train-retriever"},
+    "retriever.image_height": {"init-retriever", "train-retriever"},
+    "retriever.image_width": {"init-retriever", "train-retriever"},
+    "features": {"cache-features"},
+    "features.batch_size": {"cache-features", "train-joint", *EVAL},
+    "dialogue.rounds": {"prepare-data", *EVAL},
+    "dialogue.pool_size": {"prepare-data", "warmup-selector", "train-joint", *EVAL},
+    "dialogue.num_candidates": {"train-questioner", "warmup-selector", "train-joint",
+                                "evaluate:questioner"},
+    "prepare": {"prepare-data"},
+    "questioner.tiny": {"build-tiny-questioner"},
+    "questioner.pretrained": set(),  # chooses the base model folder: an input, not a param
+    "questioner.pool_ratio": {"cache-visual-tokens", *QUESTIONER_TRAINING,
+                              "evaluate:questioner"},
+    "questioner.image_mean": {"cache-visual-tokens", *QUESTIONER_TRAINING,
+                              "evaluate:questioner"},
+    "questioner.image_std": {"cache-visual-tokens", *QUESTIONER_TRAINING,
+                             "evaluate:questioner"},
+    "questioner.cache_batch_size": {"cache-visual-tokens"},
+    "questioner.load_in_4bit": QUESTIONER_TRAINING,
+    "questioner.train_projector": QUESTIONER_TRAINING,
+    "questioner.lora": QUESTIONER_TRAINING,
+    "questioner.sft": QUESTIONER_TRAINING,
+    "selector": {"warmup-selector"},
+    "joint": {"train-joint"},
+    "answerer": EVAL,
+    "evaluate.chunks": set(),  # the chunk count is in the output names, not a param
+    "evaluate.methods": set(),  # which methods run: the DAG's targets
+    "evaluate.generation": {"evaluate:questioner"},
+    "report": {"plots", "ranked-lists"},
+}
+
+
+def _leaves(tree, prefix=""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{path}.")
+        else:
+            yield path
+
+
+def _readers(key: str) -> set[str]:
+    matches = [p for p in READERS if key == p or key.startswith(p + ".")]
+    assert matches, f"config key {key!r} has no row in READERS: say which stages read it"
+    return READERS[max(matches, key=len)]
+
+
+def _views_containing(key: str) -> set[str]:
+    found = set()
+    for stage in STAGE_KEYS:
+        methods = ("initial", "questioner") if stage == "evaluate" else (None,)
+        for method in methods:
+            keys = stage_keys(stage, method)
+            if any(key == k or key.startswith(k + ".") for k in keys):
+                found.add("evaluate:questioner" if method == "questioner" else stage)
+    return found
+
+
+@pytest.mark.parametrize("key", sorted(_leaves(base_config())))
+def test_every_config_key_reaches_exactly_its_readers(key):
+    assert _views_containing(key) == _readers(key)
+
+
+def test_the_rules_pass_the_declared_views(tmp_path):
+    """A dry run prints every job's command: its --config is the table's view, and editing one
+    key changes exactly the commands of the stages that read it."""
+    def commands(cfg: dict) -> dict[str, str]:
+        cfg_file = tmp_path / "cfg.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg))
+        proc = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+             "--directory", str(tmp_path), "--configfile", str(cfg_file), "-n", "-p",
+             "--forceall", "--cores", "1"],
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found = {}
+        for line in proc.stdout.splitlines():
+            if "llava-reid" not in line or "--config" not in line:
+                continue
+            argv = shlex.split(line[line.index("llava-reid"):].split(" > ")[0])
+            stage = next(a for a in argv[1:] if not a.startswith("-") and not a.isdigit())
+            method = argv[argv.index("--method") + 1] if stage == "evaluate" else None
+            view = json.loads(argv[argv.index("--config") + 1])
+            assert view == cut_view(cfg, stage_keys(stage, method)), (stage, method)
+            name = "evaluate:questioner" if method in ("questioner", "selector") else stage
+            found[name] = json.dumps(view, sort_keys=True)
+        return found
+
+    cfg = small_config()
+    before = commands(cfg)
+    assert set(before) == ALL
+    edited = json.loads(json.dumps(cfg))
+    edited["dialogue"]["num_candidates"] += 1
+    after = commands(edited)
+    changed = {s for s in before if before[s] != after[s]}
+    assert changed == _readers("dialogue.num_candidates")
+    assert "prepare-data" not in changed and "evaluate" not in changed
+
+
+def test_a_stage_reading_a_key_it_was_not_passed_fails_loudly():
+    cfg = base_config()
+    view = StageConfig.wrap(cut_view(cfg, stage_keys("prepare-data")), "prepare-data")
+    assert view["dialogue"]["rounds"] == cfg["dialogue"]["rounds"]
+    assert view["prepare"]["random_history"] == cfg["prepare"]["random_history"]
+    for read in (lambda v: v["dialogue"]["num_candidates"],
+                 lambda v: v["dialogue"].get("num_candidates", 4),
+                 lambda v: v["questioner"]):
+        with pytest.raises(ConfigKeyNotPassed, match="prepare-data"):
+            read(view)
+    assert "num_candidates" not in view["dialogue"] and "questioner" not in view
+    # A section passed whole is a plain mapping; the view still serialises as the rule sent it.
+    assert type(view["prepare"]) is dict
+    assert json.loads(json.dumps(view)) == cut_view(cfg, stage_keys("prepare-data"))
+
+
+def test_the_cli_refuses_a_stage_that_reads_more_than_its_view(tmp_path, monkeypatch):
+    """Even a whole config passed inline is cut to the stage's keys when read."""
+    monkeypatch.setitem(STAGE_KEYS, "synthesize", ("data.synthetic.identities",))
+    from llava_reid import cli
+
+    cfg = small_config()
+    with pytest.raises(ConfigKeyNotPassed, match=r"synthesize.*data\.synthetic\.(initial_facts|images_per_identity)"):
+        cli.main(["synthesize", "--config", json.dumps(cfg), "--out-dir", str(tmp_path)])
+    # The real table passes what the stage reads: the same call succeeds through the CLI.
+    proc = llava_reid("synthesize", "--out-dir", str(tmp_path / "ok"), cfg=cfg, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"annotations\.json", "".join(p.name for p in (tmp_path / "ok").iterdir()))
