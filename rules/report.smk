@@ -100,7 +100,7 @@ rule training_curves:
     conda:
         "../envs/train.yaml"
     params:
-        cfg=stage_config(),
+        cfg=stage_config("training-curves"),
         selector=lambda wildcards, input: (
             f"--warmup {input.warmup} --joint {input.joint}"
             if "joint" in input.keys()

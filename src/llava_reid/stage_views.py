@@ -42,6 +42,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "merge-eval": (),
     "plots": ("report",),
     "ranked-lists": ("report",),
+    "training-curves": (),
 }
 
 # What the questioner's methods read on top of the baselines' evaluation keys.
