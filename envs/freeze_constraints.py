@@ -1,6 +1,7 @@
 """Write envs/constraints.txt: the exact versions installed here of everything the project's
 install (`pip install -e ".[workflow,serve,test]"`) pulls in, found by walking the installed
-distributions' requirements from pyproject.toml (extras and environment markers honoured).
+distributions' requirements from the installed project's (extras and environment markers
+honoured; reinstall the project after editing pyproject.toml).
 Also stamps the lock's sha256 into envs/*.post-deploy.sh, so that Snakemake (which hashes the
 environment file and its post-deploy script) rebuilds the conda environments when it changes.
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -34,10 +34,9 @@ def closure(requirements: list[tuple[str, frozenset[str]]]) -> dict[str, str]:
     while todo:
         spec, extras = todo.pop()
         req = Requirement(spec)
-        env = {"extra": ""}
+        # A requirement counts when its marker holds for one of the extras asked of its parent.
         if req.marker and not any(req.marker.evaluate({"extra": e}) for e in extras or {""}):
-            if not req.marker.evaluate(env):
-                continue
+            continue
         name = canonical(req.name)
         try:
             dist = metadata.distribution(req.name)
@@ -59,11 +58,8 @@ STAMP = re.compile(r"^# constraints.txt sha256: \S+$", re.M)
 
 
 def lock_text() -> str:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    roots = [(r, frozenset()) for r in project["dependencies"]]
-    for extra in EXTRAS:
-        roots += [(r, frozenset()) for r in project["optional-dependencies"][extra]]
-    pins = closure(roots)
+    pins = closure([(f"llava-reid[{','.join(EXTRAS)}]", frozenset())])
+    pins.pop("llava-reid")
     lines = [
         "# Exact versions that produced the README's numbers (torch 2.13.0 CPU build, Python "
         f"{sys.version_info.major}.{sys.version_info.minor}, Linux x86_64).",
