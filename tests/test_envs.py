@@ -70,7 +70,10 @@ def test_lock_matches_this_installation_for_the_numerics():
     pins = lock_pins()
     for name in ("torch", "transformers", "tokenizers", "numpy", "pillow", "peft",
                  "accelerate", "safetensors", "pyarrow"):
-        assert metadata.version(name).split("+")[0] == pins[name], name
+        installed = metadata.version(name).split("+")[0]
+        assert installed == pins[name], (
+            f"{name} {installed} is installed, the lock has {pins[name]}: install with "
+            "`pip install -c envs/constraints.txt ...` (README) to test what the README reports")
 
 
 # -- conda environments ---------------------------------------------------------------------
