@@ -1,4 +1,7 @@
 # LLaVA-ReID as one DAG of file artifacts. Wiring only: every rule calls one `llava-reid` stage.
+import os
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -11,6 +14,16 @@ report: "workflow/report/workflow.rst"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+
+# envs/*.post-deploy.sh install the project from here (Snakemake copies envs/*.yaml away).
+os.environ.update(LLAVA_REID_WORKFLOW_DIR=str(workflow.current_basedir))
+# Stop now, in one line, if the evaluate jobs would not find what the answerer needs.
+sys.path.insert(0, f"{workflow.current_basedir}/src")
+from llava_reid.answerer.runtime_check import require_answerer_runtime
+
+require_answerer_runtime(
+    config["answerer"], workflow.deployment_settings.deployment_method
+)
 
 
 include: "rules/common.smk"

@@ -106,6 +106,20 @@ def evaluate_config(wildcards):
     return stage_config("evaluate", wildcards.method)
 
 
+def sglang_python():
+    """The file naming the SGLang server's Python, when the answerer is SGLang."""
+    if config["answerer"]["kind"] == "sglang":
+        return out("answerer/sglang_python.txt")
+    return []
+
+
+def sglang_env(wildcards, input):
+    """Shell prefix that hands the evaluate job the SGLang server's Python."""
+    if not input.sglang_python:
+        return ""
+    return f'LLAVA_REID_SGLANG_PYTHON="$(cat {input.sglang_python})" '
+
+
 def model_flags(wildcards, input):
     flags = []
     for name in ("questioner", "adapter", "visual_tokens", "selector"):

@@ -2,9 +2,30 @@
 # each), then gathered by query id into dialogues and per-round metrics.
 
 
+rule sglang_python:
+    """The Python that runs the SGLang answerer's server (answerer.kind: sglang) and proof that it
+    imports sglang: envs/serve.yaml's under --sdm conda, else $LLAVA_REID_SGLANG_PYTHON or python.
+    """
+    output:
+        out("answerer/sglang_python.txt"),
+    log:
+        out("logs/sglang_python.log"),
+    benchmark:
+        out("benchmarks/sglang_python.tsv")
+    priority: 100
+    localrule: True
+    conda:
+        "../envs/serve.yaml"
+    shell:
+        # Not the CLI: this environment holds SGLang, which pins versions the project cannot use.
+        '"${{LLAVA_REID_SGLANG_PYTHON:-python}}" -c "import sglang, sys; print(sys.executable)"'
+        " > {output} 2> {log}"
+
+
 rule evaluate:
     input:
         unpack(method_models),
+        sglang_python=sglang_python(),
         annotations=out("data/annotations.parquet"),
         gallery=out("features/test_gallery.parquet"),
         queries=out("features/test_queries.parquet"),
@@ -28,8 +49,9 @@ rule evaluate:
         models=model_flags,
         # Not an output: kept across reruns so answers are never asked twice.
         answers=out("eval/{method}/answers/{i}-of-{n}.parquet"),
+        sglang_env=sglang_env,
     shell:
-        "llava-reid evaluate --config {params.cfg:q} --method {wildcards.method}"
+        "{params.sglang_env}llava-reid evaluate --config {params.cfg:q} --method {wildcards.method}"
         " --chunk {wildcards.i} --chunks {wildcards.n} --annotations {input.annotations}"
         " --gallery {input.gallery} --queries {input.queries} --retriever {input.retriever}"
         " {params.models} --answers-cache {params.answers} --out {output} > {log} 2>&1"

@@ -3,11 +3,14 @@ snakemake-executor-plugin-slurm.
 
 The module fixture starts the cluster with tests/slurm/start_cluster.sh (Debian's slurmctld,
 slurmd and munge, installed with apt-get when missing; fake GPUs) and stops it afterwards,
-whatever happened. The test builds PREBUILT locally, then TARGETS through
-`snakemake --profile profiles/slurm --profile <test override>`, and checks for every rule that
-ran under SLURM: its artifacts exist and are not empty, it went through sbatch, and the SLURM
-job record shows the GPUs that profiles/slurm names for that rule.
+whatever happened. The test builds PREBUILT locally, runs the README's one-time step
+(`llava-reid install-profile`, into a temporary Snakemake config folder), then builds TARGETS
+with the command users type, `snakemake --profile slurm` (plus a second profile that fits the
+jobs on this small machine), and checks for every rule that ran under SLURM: its artifacts
+exist and are not empty, it went through sbatch, and the SLURM job record shows the GPUs that
+profiles/slurm names for that rule.
 
+Opt-in (marker `slurm`, deselected by default): `python3 -m pytest -m slurm tests/test_slurm.py`.
 Needs root (packages, daemons) and apt-get or an installed SLURM; skips otherwise.
 """
 
@@ -170,6 +173,14 @@ def _snakemake(work: Path, cfg_file: Path, *args: str) -> list[str]:
             "--workflow-profile", "none", *args]
 
 
+def install_slurm_profile(config_home: Path, env: dict[str, str]) -> None:
+    """The README's one-time step, into a temporary Snakemake config folder."""
+    proc = subprocess.run(["llava-reid", "install-profile"], capture_output=True, text=True,
+                          env={**env, "XDG_CONFIG_HOME": str(config_home)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (config_home / "snakemake" / "slurm").resolve() == (REPO / "profiles" / "slurm")
+
+
 def planned_jobs(work: Path, cfg_file: Path, targets: list[str]) -> dict[str, list[Path]]:
     """Ask Snakemake (--summary) what building the targets takes: rule -> outputs."""
     proc = subprocess.run(_snakemake(work, cfg_file, "--summary", *targets),
@@ -237,14 +248,21 @@ def test_workflow_on_slurm(slurm_cluster, tmp_path):
     planned = planned_jobs(work, cfg_file, targets)
     assert planned, "nothing to build under SLURM"
 
-    # The run itself; `timeout -k` because Snakemake ignores SIGTERM while jobs are active.
+    # The run itself, as users type it after the one-time step (profiles/default, the
+    # workflow profile, applies too); `timeout -k` because Snakemake ignores SIGTERM while
+    # jobs are active.
+    config_home = tmp_path / "xdg"
+    install_slurm_profile(config_home, env)
+    env["XDG_CONFIG_HOME"] = str(config_home)
     log = tmp_path / "snakemake.log"
-    cmd = _snakemake(work, cfg_file, "--profile", str(REPO / "profiles" / "slurm"),
-                     "--profile", str(override), "--verbose", *targets)
+    cmd = ["snakemake", "--profile", "slurm", "--profile", str(override),
+           "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(cfg_file), "--verbose", *targets]
     with log.open("w") as fh:
         proc = subprocess.run(["timeout", "-k", "30", str(RUN_TIMEOUT), *cmd], stdout=fh,
                               stderr=subprocess.STDOUT, env=env)
     text = log.read_text()
+    assert "Using profiles slurm and " in text, text[:2000]
     if proc.returncode in (124, 137):
         # Cancel this run's jobs (the plugin names them by the run id), then lift the lock.
         run_id = re.search(r"SLURM run ID: (\S+)", text)

@@ -238,7 +238,36 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="inline JSON or a config YAML path")
         for flag, kwargs in args:
             p.add_argument(flag, **kwargs)
+    _add_install_profile(sub)
     return parser
+
+
+def _add_install_profile(sub) -> None:
+    """Not a stage: a one-time set-up step (no --config), see snakemake_profile.py."""
+    text = ("Link profiles/slurm into Snakemake's user config folder, so that "
+            "`snakemake --profile slurm` works from any directory (never replaces a profile).")
+    p = sub.add_parser("install-profile", help=text, description=text)
+    p.add_argument("--name", default="slurm", help="profile name to install under")
+    p.add_argument("--copy", action="store_true",
+                   help="copy instead of linking (a copy does not follow edits or git pulls)")
+    p.add_argument("--source", default=None, help="profile folder (default: profiles/slurm)")
+    p.add_argument("--dest", default=None,
+                   help="folder to install into (default: Snakemake's user config folder)")
+
+
+def _install_profile(args) -> int:
+    from pathlib import Path
+
+    from llava_reid.snakemake_profile import ProfileInstallError, install_profile
+
+    try:
+        done = install_profile(Path(args.source) if args.source else None,
+                               Path(args.dest) if args.dest else None, args.name, args.copy)
+    except ProfileInstallError as err:
+        print(f"llava-reid install-profile: {err}", file=sys.stderr)
+        return 1
+    print(done.message())
+    return 0
 
 
 def _resolve(module: str, function: str) -> Callable[..., object]:
@@ -266,6 +295,8 @@ def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _build_parser().parse_args(argv)
+    if args.command == "install-profile":
+        return _install_profile(args)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch_distributed(args.nproc, argv)
     setup_logging(args.log_level)

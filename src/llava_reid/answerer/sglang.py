@@ -31,11 +31,19 @@ from pathlib import Path
 
 from llava_reid.answerer.base import AnswererError, AnswerRequest
 from llava_reid.answerer.openai_compat import DEFAULT_API_KEY_ENV, OpenAIAnswerer
+from llava_reid.answerer.runtime_check import SGLANG_PYTHON_ENV
 
 log = logging.getLogger(__name__)
 
 SGLANG_LAUNCHER = (sys.executable, "-m", "sglang.launch_server")
 HOST = "127.0.0.1"
+
+
+def default_launcher() -> list[str]:
+    """SGLang pins its own torch/transformers, so it usually lives in an environment of its own:
+    $LLAVA_REID_SGLANG_PYTHON names that environment's Python (the workflow sets it)."""
+    python = os.environ.get(SGLANG_PYTHON_ENV)
+    return [python, "-m", "sglang.launch_server"] if python else list(SGLANG_LAUNCHER)
 
 
 def free_port(host: str = HOST) -> int:
@@ -106,7 +114,7 @@ class SGLangServer:
         self.api_key = api_key or secrets.token_hex(24)
         self.extra_args = [str(a) for a in extra_args]
         self.startup_timeout_s = float(startup_timeout_s)
-        self.launcher = list(SGLANG_LAUNCHER if launcher is None else launcher)
+        self.launcher = list(default_launcher() if launcher is None else launcher)
         self.stop_grace_s = float(stop_grace_s)
         if log_path is None:
             fd, tmp = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
