@@ -1,4 +1,7 @@
 # LLaVA-ReID as one DAG of file artifacts. Wiring only: every rule calls one `llava-reid` stage.
+import os
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -10,6 +13,16 @@ configfile: "config.yaml"
 report: "workflow/report/workflow.rst"
 
 
+# The package's checks from this checkout (also where Snakemake's own Python lacks the package):
+# schema and cross-field problems, one line each, before any job. Snakemake's validate then
+# fills the schema's defaults.
+sys.path.insert(0, os.path.join(workflow.current_basedir, "src"))
+from llava_reid.config import ConfigError, check_workflow_config
+
+try:
+    check_workflow_config(config, "config")
+except ConfigError as err:
+    sys.exit(str(err))
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -49,7 +49,7 @@ def load_metrics(paths: list[str]) -> list[dict[str, Any]]:
     seen: set[str] = set()
     for path in paths:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise MetricsError(f"{path}: cannot read metrics ({exc})") from exc
         for key in ("method", "per_round"):
@@ -184,7 +184,7 @@ def write_tsv(methods: list[dict[str, Any]], path: Path) -> None:
                  cell(m["BRI"]), cell(m["queries"])]
             )
     with atomic_path(path, suffix=".tsv") as tmp:
-        tmp.write_text(buf.getvalue())
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
 def _table_columns(methods: list[dict[str, Any]]) -> list[tuple[str, Any, bool, str]]:
@@ -260,7 +260,7 @@ def write_html(methods: list[dict[str, Any]], path: Path) -> None:
         lines.append("<tr>" + "".join(cells) + "</tr>")
     lines += ["</tbody>", "</table>", "</body>", "</html>", ""]
     with atomic_path(path, suffix=".html") as tmp:
-        tmp.write_text("\n".join(lines))
+        tmp.write_text("\n".join(lines), encoding="utf-8")
 
 
 def run(cfg: dict[str, Any], metrics: list[str], out_dir: str) -> None:

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llava_reid.artifacts import atomic_path
+from llava_reid.artifacts import atomic_path, reading
 
 INVALID_SCORE = -1e4  # score of a pool position the selector may not pick
 FILE_NAME = "selector.safetensors"  # file name used when save/load are given a folder
@@ -104,7 +104,8 @@ class Selector(nn.Module):
     @staticmethod
     def read_metadata(path: str | Path) -> dict[str, str]:
         """The file's metadata (``format``, ``config`` and any ``extra`` keys), as strings."""
-        with safe_open(str(_file(path)), framework="pt") as f:
+        with reading(_file(path), "the selector"), safe_open(str(_file(path)),
+                                                             framework="pt") as f:
             return dict(f.metadata() or {})
 
     @classmethod
@@ -117,7 +118,8 @@ class Selector(nn.Module):
         if meta.get("format") != FORMAT or "config" not in meta:
             raise ValueError(f"{target}: not a selector checkpoint (format {meta.get('format')!r})")
         model = cls.from_config(json.loads(meta["config"]))
-        model.load_state_dict(load_file(str(target)), strict=True)
+        with reading(target, "the selector's weights"):
+            model.load_state_dict(load_file(str(target)), strict=True)
         return model.to(device).eval()
 
     # -- scoring ------------------------------------------------------------------------------
