@@ -36,6 +36,7 @@ include: "rules/report.smk"
 
 
 rule all:
+    """Every artifact of the run: retriever, features, questioner, evaluations and report."""
     default_target: True
     input:
         all_targets(),

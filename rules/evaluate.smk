@@ -3,6 +3,7 @@
 
 
 rule evaluate:
+    """Interactive dialogues of one chunk of the test queries for one method."""
     input:
         unpack(method_models),
         annotations=out("data/annotations.parquet"),
@@ -36,6 +37,7 @@ rule evaluate:
 
 
 rule merge_eval:
+    """Join a method's evaluation chunks; per-round R@k, mAP, mINP and BRI."""
     input:
         chunks=eval_chunks,
         gallery=out("features/test_gallery.parquet"),

@@ -3,6 +3,7 @@
 
 
 rule plots:
+    """Recall-vs-round and BRI plots and the metric tables of every method."""
     input:
         expand(out("eval/{method}/metrics.json"), method=eval_methods()),
     output:
@@ -49,6 +50,7 @@ rule plots:
 
 
 rule ranked_lists:
+    """Pictures of a few dialogues: question, answer and the top-k per round."""
     input:
         dialogues=out("eval/{method}/dialogues.parquet"),
         gallery=out("features/test_gallery.parquet"),
