@@ -12,13 +12,15 @@ import errno
 from llava_reid.answerer.base import AnswererError
 from llava_reid.artifacts import ArtifactError, ArtifactWriteError
 from llava_reid.config import ConfigError
+from llava_reid.data.annotations import AnnotationError
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def expected_message(exc: BaseException) -> str | None:
     """The message of an expected failure, or None for one that is a bug."""
-    if isinstance(exc, ConfigError | ArtifactError | ArtifactWriteError | AnswererError):
+    if isinstance(exc, ConfigError | ArtifactError | ArtifactWriteError | AnnotationError
+                  | AnswererError):
         return str(exc)
     if isinstance(exc, OSError):
         where = exc.filename or ""

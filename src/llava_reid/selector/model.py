@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llava_reid.artifacts import atomic_path, reading
+from llava_reid.artifacts import ArtifactError, atomic_path, reading
 
 INVALID_SCORE = -1e4  # score of a pool position the selector may not pick
 FILE_NAME = "selector.safetensors"  # file name used when save/load are given a folder
@@ -116,7 +116,7 @@ class Selector(nn.Module):
             raise FileNotFoundError(f"{target}: no selector checkpoint")
         meta = cls.read_metadata(target)
         if meta.get("format") != FORMAT or "config" not in meta:
-            raise ValueError(f"{target}: not a selector checkpoint (format {meta.get('format')!r})")
+            raise ArtifactError(f"{target}: not a selector checkpoint (format {meta.get('format')!r})")
         model = cls.from_config(json.loads(meta["config"]))
         with reading(target, "the selector's weights"):
             model.load_state_dict(load_file(str(target)), strict=True)
