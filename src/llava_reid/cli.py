@@ -252,7 +252,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default=1,
         help="processes (one per GPU); > 1 relaunches the stage under torchrun --standalone",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE",
+                                help="the workflow stage to run (STAGE --help: its flags)")
     for name, (_, _, help_text, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", required=True, help="inline JSON or a config YAML path")
