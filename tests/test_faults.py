@@ -21,7 +21,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -135,6 +134,12 @@ def test_safetensors_truncated_or_corrupted_names_the_file(tmp_path):
     broken[12:40] = b"\xff" * 28  # a corrupted header
     path.write_bytes(bytes(broken))
     with pytest.raises(ArtifactError, match=str(path)):
+        Selector.load(path)
+    flipped = bytearray(data)
+    flipped[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # flipped bytes in the weights
+    assert bytes(flipped) != data
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactError, match=f"{path}: corrupted selector"):
         Selector.load(path)
 
 

@@ -96,9 +96,9 @@ class Questioner:
                 dtype=dtype or default_dtype(dev),
                 use_safetensors=True,
                 attn_implementation=attention_implementation(dev),
-            ).to(dev)
+            )
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return cls(net.eval(), tokenizer, qcfg, dev)
+        return cls(net.to(dev).eval(), tokenizer, qcfg, dev)
 
     def load_adapter(self, adapter: str | Path, trainable: bool = False, merge: bool = False):
         """Attach a PEFT LoRA adapter (and any modules it saved, e.g. the projector)."""
