@@ -13,6 +13,16 @@ configfile: "config.yaml"
 report: "workflow/report/workflow.rst"
 
 
+# The package's checks from this checkout (also where Snakemake's own Python lacks the package):
+# schema and cross-field problems, one line each, before any job. Snakemake's validate then
+# fills the schema's defaults.
+sys.path.insert(0, os.path.join(workflow.current_basedir, "src"))
+from llava_reid.config import ConfigError, check_workflow_config
+
+try:
+    check_workflow_config(config, "config")
+except ConfigError as err:
+    sys.exit(str(err))
 validate(config, "workflow/schemas/config.schema.yaml")
 
 # envs/*.post-deploy.sh install the project from here (Snakemake copies envs/*.yaml away).
@@ -36,6 +46,7 @@ include: "rules/report.smk"
 
 
 rule all:
+    """Every artifact of the run: retriever, features, questioner, evaluations and report."""
     default_target: True
     input:
         all_targets(),

@@ -2,6 +2,7 @@
 
 
 rule synthesize_data:
+    """Render the synthetic pedestrians and their Interactive-PEDES annotations."""
     output:
         annotations=out("data/synthetic/annotations.json"),
         images=directory(out("data/synthetic/images")),
@@ -19,6 +20,7 @@ rule synthesize_data:
 
 
 rule load_annotations:
+    """Validate the annotation JSON and its images; write annotations.parquet."""
     input:
         annotations=annotation_json(),
     output:

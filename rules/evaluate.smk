@@ -23,6 +23,7 @@ rule sglang_python:
 
 
 rule evaluate:
+    """Interactive dialogues of one chunk of the test queries for one method."""
     input:
         unpack(method_models),
         sglang_python=sglang_python(),
@@ -58,6 +59,7 @@ rule evaluate:
 
 
 rule merge_eval:
+    """Join a method's evaluation chunks; per-round R@k, mAP, mINP and BRI."""
     input:
         chunks=eval_chunks,
         gallery=out("features/test_gallery.parquet"),

@@ -3,6 +3,7 @@
 
 
 rule prepare_data:
+    """Look-ahead oracle plan and the questioner's SFT conversations."""
     input:
         annotations=out("data/annotations.parquet"),
         gallery=out("features/train_gallery.parquet"),
@@ -28,6 +29,7 @@ rule prepare_data:
 
 
 rule build_tiny_questioner:
+    """Build the tiny LLaVA-OneVision and its BPE tokenizer (embedded default)."""
     input:
         out("data/annotations.parquet"),
     output:
@@ -46,6 +48,7 @@ rule build_tiny_questioner:
 
 
 rule cache_visual_tokens:
+    """Encode one split's images to the questioner's visual tokens, once."""
     input:
         annotations=out("data/annotations.parquet"),
         model=questioner_model(),
@@ -76,6 +79,7 @@ rule cache_visual_tokens:
 
 
 rule train_questioner:
+    """LoRA SFT of the questioner on the look-ahead conversations."""
     input:
         model=questioner_model(),
         conversations=out("prepare/conversations.parquet"),

@@ -2,6 +2,7 @@
 
 
 rule init_retriever:
+    """Build the retriever's starting point: a tiny CLIP + BPE, or a local CLIP."""
     input:
         out("data/annotations.parquet"),
     output:
@@ -20,6 +21,7 @@ rule init_retriever:
 
 
 rule train_retriever:
+    """Train the IRRA-style retriever (SDM + ID + MLM); keep the best validation epoch."""
     input:
         annotations=out("data/annotations.parquet"),
         init=out("models/retriever_init"),
@@ -47,6 +49,7 @@ rule train_retriever:
 
 
 rule cache_features:
+    """Encode one split's gallery images and text queries to Parquet."""
     input:
         annotations=out("data/annotations.parquet"),
         model=out("retriever/model"),

@@ -2,6 +2,7 @@
 
 
 rule warmup_selector:
+    """Warm the candidate selector up to imitate plain top-k."""
     input:
         conversations=out("prepare/conversations.parquet"),
         gallery=out("features/train_gallery.parquet"),
@@ -27,6 +28,7 @@ rule warmup_selector:
 
 
 rule train_joint:
+    """Train the selector and the questioner's adapter together (Gumbel top-k)."""
     input:
         model=questioner_model(),
         adapter=out("questioner/adapter"),

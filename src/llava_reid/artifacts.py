@@ -4,12 +4,15 @@ Every Parquet file the workflow produces is declared here, once. Embedding colum
 ``fixed_size_list<float32, D>`` (D is read from the data); ids are integers. Each file carries
 key-value metadata: the artifact kind, the hash of the config section that produced it and the
 producing model. Writers write to a temporary name in the same folder and rename, so an
-interrupted job never leaves a file that looks complete.
+interrupted job never leaves a file that looks complete; what they write gets the permissions
+the umask gives (not the 0600/0700 of a temporary name). Parquet files carry page checksums,
+verified on every read, so a corrupted file is an error naming it, never different numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -100,7 +103,58 @@ SCHEMAS: dict[str, list[tuple[str, Any]]] = {
 
 
 class ArtifactError(ValueError):
-    """An artifact is missing, unreadable or does not match its declared schema."""
+    """An artifact is missing, unreadable, corrupted or does not match its declared schema."""
+
+
+class ArtifactWriteError(OSError):
+    """An artifact could not be written (disk full, read-only or not permitted); nothing of it
+    is left behind. ``errno`` is the underlying error's."""
+
+
+# Errors that mean "this file system will not take the artifact", not a bug. A full disk can
+# surface anywhere while writing; the folder errors only where the folder is written.
+_DISK_ERRNOS = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+_FOLDER_ERRNOS = {
+    **_DISK_ERRNOS,
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+@contextlib.contextmanager
+def _naming_write_errors(path: Path, reasons: dict[int, str]) -> Iterator[None]:
+    """Turn a full disk or a read-only/forbidden folder into an error naming ``path``."""
+    try:
+        yield
+    except ArtifactWriteError:
+        raise
+    except OSError as exc:
+        reason = reasons.get(exc.errno)
+        if reason is None:
+            raise
+        raise ArtifactWriteError(exc.errno, f"{path}: cannot write: {reason}") from exc
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _open_up(path: Path, directory: bool) -> None:
+    """Give a mkstemp/mkdtemp result the mode a plain open()/mkdir() would have had."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def _is_embedding(t: pa.DataType) -> bool:
@@ -138,13 +192,18 @@ def _metadata(kind: str, config_hash: str, producer: str, extra: dict[str, Any] 
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    with _naming_write_errors(path, _FOLDER_ERRNOS):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp",
+                                   dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        _open_up(tmp, directory=False)
+        with _naming_write_errors(path, _DISK_ERRNOS):
+            yield tmp
+        with _naming_write_errors(path, _FOLDER_ERRNOS):
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -154,25 +213,29 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _naming_write_errors(path, _FOLDER_ERRNOS):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _open_up(tmp, directory=True)
+        with _naming_write_errors(path, _DISK_ERRNOS):
+            yield tmp
+        with _naming_write_errors(path, _FOLDER_ERRNOS):
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_table(
@@ -212,7 +275,7 @@ def write_table(
     table = table.select(schema.names).cast(schema)
     table = table.replace_schema_metadata(_metadata(kind, config_hash, producer, extra_metadata))
     with atomic_path(path, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
     return table
 
 
@@ -221,10 +284,7 @@ def read_table(path: str | os.PathLike, kind: str, columns: list[str] | None = N
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: artifact {kind!r} not found")
-    try:
-        schema = pq.read_schema(path)
-    except Exception as exc:  # pyarrow raises several types for a broken file
-        raise ArtifactError(f"{path}: not a readable Parquet file ({exc})") from exc
+    schema = _read_schema(path)
     for name, typ in SCHEMAS[kind]:
         if name not in schema.names:
             raise ArtifactError(f"{path}: column {name!r} missing (artifact {kind!r})")
@@ -236,18 +296,54 @@ def read_table(path: str | os.PathLike, kind: str, columns: list[str] | None = N
     stored_kind = (schema.metadata or {}).get(b"llava_reid.kind", b"").decode()
     if stored_kind and stored_kind != kind:
         raise ArtifactError(f"{path}: holds artifact {stored_kind!r}, expected {kind!r}")
-    return pq.read_table(path, columns=columns)
+    try:
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:  # checksum, decompression or framing errors
+        raise ArtifactError(
+            f"{path}: corrupted Parquet artifact {kind!r} ({exc}); delete it so that it is "
+            "rebuilt") from exc
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:  # pyarrow raises several types for a broken file
+        raise ArtifactError(f"{path}: not a readable Parquet file ({exc})") from exc
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The llava_reid.* key-value metadata of a Parquet artifact, without the prefix."""
-    meta = pq.read_schema(path).metadata or {}
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: artifact not found")
+    meta = _read_schema(path).metadata or {}
     out = {}
     for k, v in meta.items():
         key = k.decode()
         if key.startswith("llava_reid."):
             out[key.removeprefix("llava_reid.")] = v.decode()
     return out
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Name ``path`` in any failure to load it (a truncated or corrupted safetensors file, a
+    model folder missing a file): safetensors and transformers do not say which file."""
+    try:
+        yield
+    except (ArtifactError, ArtifactWriteError):
+        raise
+    except Exception as exc:  # safetensors, transformers and torch raise many types
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            raise
+        if type(exc).__name__ not in _LOAD_ERRORS and not isinstance(exc, OSError | ValueError):
+            raise
+        raise ArtifactError(f"{path}: cannot load {what} ({type(exc).__name__}: {exc})") from exc
+
+
+# Error types that mean "this file is broken" when raised while loading it.
+_LOAD_ERRORS = {"SafetensorError", "HeaderTooLarge", "UnpicklingError", "EOFError",
+                "JSONDecodeError", "UnicodeDecodeError", "KeyError", "RuntimeError"}
 
 
 def embeddings(table: pa.Table, column: str):

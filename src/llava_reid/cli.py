@@ -1,4 +1,4 @@
-"""``llava-reid``: one subcommand per workflow stage.
+"""llava-reid: one subcommand per workflow stage.
 
 Every rule in rules/*.smk calls exactly one subcommand. Each takes ``--config`` (inline JSON of
 the sections the stage reads, as the rules pass it, or a config file path) and explicit
@@ -12,8 +12,10 @@ import importlib
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 
+from llava_reid import __version__
 from llava_reid.config import load_config
 from llava_reid.runtime import setup_logging
 from llava_reid.stage_views import STAGE_KEYS, StageConfig
@@ -223,21 +225,60 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
 }
 
 
+# Help and closed sets of the flags many stages share (a stage's own entry above wins).
+FLAG_HELP = {
+    "--annotations": "validated annotations (data/annotations.parquet)",
+    "--image-root": "folder the annotations' file_path are relative to",
+    "--model": "model folder (save_pretrained)",
+    "--retriever": "trained retriever folder (retriever/model)",
+    "--split": "dataset split",
+    "--gallery": "gallery features Parquet (features/{split}_gallery.parquet)",
+    "--queries": "query features Parquet (features/{split}_queries.parquet)",
+    "--gallery-out": "gallery features Parquet to write",
+    "--queries-out": "query features Parquet to write",
+    "--conversations": "SFT conversations (prepare/conversations.parquet)",
+    "--visual-tokens": "visual-token cache (.safetensors)",
+    "--metrics": "metrics JSON to write",
+    "--checkpoints": "folder for resumable checkpoints",
+    "--method": "what asks the questions",
+    "--out": "output path",
+}
+FLAG_CHOICES = {
+    "--split": ("train", "val", "test"),
+    "--method": ("initial", "random", "oracle", "questioner", "selector"),
+}
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-reid", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
+    parser = argparse.ArgumentParser(
+        prog="llava-reid", description=__doc__.splitlines()[0],
+        epilog="Expected failures (bad config or input, a missing or corrupt file, an "
+               "unreachable answerer, a full disk) print one line and exit 1; --verbose adds "
+               "the traceback.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="logging level (default INFO)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print the traceback of an expected failure, not just its line")
     parser.add_argument(
         "--nproc",
         type=int,
         default=1,
         help="processes (one per GPU); > 1 relaunches the stage under torchrun --standalone",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE",
+                                help="the workflow stage to run (STAGE --help: its flags)")
     for name, (_, _, help_text, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", required=True, help="inline JSON or a config YAML path")
         for flag, kwargs in args:
-            p.add_argument(flag, **kwargs)
+            extra = {}
+            if "help" not in kwargs:
+                extra["help"] = FLAG_HELP.get(flag, flag.lstrip("-").replace("-", " "))
+            if flag in FLAG_CHOICES and "choices" not in kwargs:
+                extra["choices"] = FLAG_CHOICES[flag]
+            p.add_argument(flag, **kwargs, **extra)
     _add_install_profile(sub)
     return parser
 
@@ -297,20 +338,37 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "install-profile":
         return _install_profile(args)
+    if not sys.stderr.isatty():
+        # Weight-loading progress bars would write carriage-return noise into the log files.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch_distributed(args.nproc, argv)
     setup_logging(args.log_level)
     module, function, _, _ = COMMANDS[args.command]
-    cfg = load_config(args.config)
-    if args.config.lstrip().startswith("{") and args.command in STAGE_KEYS:
-        # A rule's view: reading a key the rule does not pass is an error, not a silent miss.
-        cfg = StageConfig.wrap(cfg, args.command, getattr(args, "method", None))
     kwargs = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "config", "log_level", "nproc")
+        if k not in ("command", "config", "log_level", "nproc", "verbose")
     }
-    _resolve(module, function)(cfg, **kwargs)
+    try:
+        cfg = load_config(args.config)
+        if args.config.lstrip().startswith("{") and args.command in STAGE_KEYS:
+            # A rule's view: reading a key the rule does not pass is an error, not a silent miss.
+            cfg = StageConfig.wrap(cfg, args.command, getattr(args, "method", None))
+        _resolve(module, function)(cfg, **kwargs)
+    except KeyboardInterrupt:
+        print(f"llava-reid {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from llava_reid.errors import expected_message
+
+        message = expected_message(exc)
+        if message is None:
+            raise  # a bug: keep the traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(f"llava-reid {args.command}: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,4 +1,9 @@
-"""Loading and validating the workflow config outside Snakemake (the CLI's --config)."""
+"""Loading and validating the workflow config: the CLI's --config and the Snakefile's check.
+
+The schema is workflow/schemas/config.schema.yaml, the file the Snakefile validates against;
+wheels ship it inside the package (setup.py copies it at build time), so an installed package
+validates against the same file. Errors say which key is wrong and why, one line per problem.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from typing import Any
 
 import jsonschema
 import yaml
+
+from llava_reid.consistency import problems
 
 SCHEMA_NAME = "config.schema.yaml"
 
@@ -33,20 +40,32 @@ def load_yaml(text: str) -> Any:
 
 
 class ConfigError(ValueError):
-    """The config does not match the schema."""
+    """The config does not match the schema, or its keys contradict each other."""
 
 
-def _schema_path() -> Path:
-    # The schema lives in the workflow (workflow/schemas/); the package ships a copy for
-    # installs outside the repository.
+def schema_path() -> Path:
+    """The workflow's schema in a source checkout, else the copy built into the package."""
     repo = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / SCHEMA_NAME
     if repo.exists():
         return repo
-    return Path(str(resources.files("llava_reid") / SCHEMA_NAME))
+    packaged = Path(str(resources.files("llava_reid") / SCHEMA_NAME))
+    if not packaged.exists():
+        raise ConfigError(f"{packaged}: the config schema is missing from this installation "
+                          "(reinstall llava-reid)")
+    return packaged
 
 
 def load_schema() -> dict[str, Any]:
-    return yaml.safe_load(_schema_path().read_text())
+    return yaml.safe_load(schema_path().read_text(encoding="utf-8"))
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One line: the dotted key and what is wrong with it (never the schema itself)."""
+    key = ".".join(map(str, error.absolute_path)) or "(top level)"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        return f"{key}: {error.message}; allowed keys: {', '.join(allowed)}"
+    return f"{key}: {error.message}"
 
 
 def _without_required(schema: Any) -> Any:
@@ -69,11 +88,27 @@ def validate_section(cfg: dict[str, Any], source: str, view: bool = False) -> No
     schema = _without_required(load_schema()) if view else load_schema()
     partial = dict(schema)
     partial["required"] = [k for k in schema.get("required", []) if k in cfg]
-    validator = jsonschema.Draft202012Validator(partial)
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.path))
-    if errors:
-        lines = [f"  {'.'.join(map(str, e.path)) or '<top>'}: {e.message}" for e in errors[:10]]
-        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines))
+    _check(cfg, partial, source)
+
+
+def _check(cfg: dict[str, Any], schema: dict[str, Any], source: str) -> None:
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: [str(p) for p in e.path])
+    _raise(source, [_describe(e) for e in errors])
+    _raise(source, problems(cfg))
+
+
+def _raise(source: str, lines: list[str]) -> None:
+    """One line per problem, each naming the source; the first line alone says enough."""
+    if lines:
+        shown = lines[:10] + ([f"... and {len(lines) - 10} more"] if len(lines) > 10 else [])
+        raise ConfigError("\n".join(f"{source}: {line}" for line in shown))
+
+
+def check_workflow_config(cfg: dict[str, Any], source: str = "config") -> None:
+    """What the Snakefile runs before any job: the whole config against the schema (required
+    keys included), then the cross-field checks. Raises ``ConfigError``."""
+    _check(cfg, load_schema(), source)
 
 
 def load_config(value: str) -> dict[str, Any]:
@@ -81,12 +116,16 @@ def load_config(value: str) -> dict[str, Any]:
     or the path of a YAML/JSON config file (its sections are checked in full)."""
     view = value.lstrip().startswith("{")
     if view:
-        cfg, source = json.loads(value), "--config (inline JSON)"
+        source = "--config (inline JSON)"
+        try:
+            cfg = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{source}: not valid JSON: {err}") from err
     else:
         path = Path(value)
         if not path.exists():
             raise ConfigError(f"{path}: config file not found")
-        text, source = path.read_text(), str(path)
+        text, source = path.read_text(encoding="utf-8"), str(path)
         try:
             cfg = json.loads(text) if path.suffix == ".json" else load_yaml(text)
         except (json.JSONDecodeError, yaml.YAMLError) as err:

@@ -5,7 +5,8 @@ array) with the identity of each query and each gallery image, and work on the t
 in chunks of queries, so a large query x gallery never needs a full sort in memory at once.
 
 Ranking order: descending similarity; ties are broken by the lower gallery index first (a
-stable sort), so results do not depend on hardware or sort implementation.
+stable sort), so results do not depend on hardware or sort implementation. Scores are ranked in
+their own precision (float64 stays float64: a cast would turn distinct scores into ties).
 
 - ``rank_metrics``: CMC R@k, mAP and mINP in percent, the standard definitions used by IRRA:
   R@k = % of queries with a correct image in the top k; AP = mean over the correct images of
@@ -52,9 +53,14 @@ def _check(similarity, query_pids, gallery_pids):
     return sim, qp, gp
 
 
+def _scores(sim: torch.Tensor) -> torch.Tensor:
+    """Floating scores as they are; integer or boolean scores as float64 (exact)."""
+    return sim if sim.is_floating_point() else sim.double()
+
+
 def _sorted_matches(sim: torch.Tensor, qp: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
     """Boolean [q, G]: is the image at each rank position a correct match."""
-    order = torch.sort(sim.float(), dim=1, descending=True, stable=True).indices
+    order = torch.sort(_scores(sim), dim=1, descending=True, stable=True).indices
     return gp[order] == qp[:, None]
 
 
@@ -96,7 +102,7 @@ def target_ranks(similarity, query_pids, gallery_pids, chunk: int = 512) -> np.n
     out = []
     cols = torch.arange(sim.shape[1], device=sim.device)
     for s in range(0, sim.shape[0], chunk):
-        block = sim[s : s + chunk].float()
+        block = _scores(sim[s : s + chunk])
         correct = gp[None, :] == qp[s : s + chunk, None]
         best = torch.where(correct, block, torch.full_like(block, -math.inf)).max(dim=1).values
         # The best correct image's position: the lowest index among correct ties.

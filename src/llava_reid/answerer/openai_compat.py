@@ -68,7 +68,8 @@ class OpenAIAnswerer:
     flight; each waits ``timeout_s`` for its reply and is retried up to ``max_retries`` times
     (exponential backoff from ``backoff_s``) on connection errors, timeouts, 429 and 5xx, never
     on other 4xx. The first request that finally fails stops the batch: queued questions are not
-    sent, and ``AnswerBatchError`` carries the answers already received. ``on_answer(request_id,
+    sent, and ``AnswerBatchError`` carries the answers already received. A reply that is not
+    the JSON of a chat completion is retried like a 5xx. ``on_answer(request_id,
     answer)``, if given, is called from the worker threads as each answer arrives.
     """
 
@@ -188,7 +189,7 @@ class OpenAIAnswerer:
             except urllib.error.HTTPError as exc:
                 status = exc.code
                 try:
-                    text = exc.read()[:300].decode(errors="replace")
+                    text = " ".join(exc.read()[:300].decode(errors="replace").split())
                 except Exception:  # noqa: BLE001 - the body is only for the message
                     text = ""
                 if status in (401, 403):
@@ -198,8 +199,10 @@ class OpenAIAnswerer:
                     last = _Failure("http", text, status)
                 else:
                     raise _Failure("http", text, status) from exc
-            except _Failure:
-                raise
+            except _Failure as exc:
+                if exc.kind != "reply":
+                    raise
+                last = exc  # a garbled reply (cut off, a proxy's page) may not repeat: retry
             except TimeoutError:
                 last = _Failure("timeout", f"no reply within {self.timeout_s:g} s")
             except urllib.error.URLError as exc:

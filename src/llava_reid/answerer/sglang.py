@@ -76,7 +76,7 @@ def visible_gpu(gpu: int | None, environ: dict[str, str] | None = None) -> str |
 
 def _tail(path: Path, lines: int = 40) -> str:
     try:
-        text = path.read_text(errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "(no server log)"
     return "\n".join(text.splitlines()[-lines:])

@@ -102,7 +102,7 @@ def load_annotations(json_path: str | os.PathLike, image_root: str | os.PathLike
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AnnotationError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(records, list):

@@ -280,6 +280,6 @@ def run(cfg: dict[str, Any], out_dir: str) -> None:
             img = render_job(person, keys, scfg["image_height"], scfg["image_width"])
             img.save(tmp / Path(rel).relative_to("images"), format="PNG", optimize=False)
     with atomic_path(out / "annotations.json") as tmp:
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        tmp.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     log.info("%d identities, %d images in %.1fs -> %s",
              sum(scfg["identities"].values()), len(records), time.time() - started, out)

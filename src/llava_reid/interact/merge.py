@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 
 def merge_chunks(chunks: list[str], expected_ids: list[int]) -> pa.Table:
     tables = [read_table(c, "dialogues") for c in chunks]
+    sizes = {c: t.schema.field("query_feat").type.list_size for c, t in zip(chunks, tables,
+                                                                             strict=True)}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{c} ({d})" for c, d in sizes.items())
+        raise ArtifactError(
+            f"evaluation chunks have different query embedding sizes: {listed}; they come from "
+            "different retrievers: rerun the chunks of the older one")
     table = pa.concat_tables(tables, promote_options="permissive") if tables else None
     if table is None or table.num_rows == 0:
         raise ArtifactError(f"{chunks}: no dialogue rows")
@@ -73,6 +80,11 @@ def run(cfg: dict[str, Any], method: str, chunks: list[str], gallery: str, queri
         "query_id").to_pylist()
     table = merge_chunks(chunks, expected)
     index = Gallery.from_parquet(gallery)
+    dim = table.schema.field("query_feat").type.list_size
+    if dim != index.feats.shape[1]:
+        raise ArtifactError(
+            f"{gallery}: gallery embeddings have size {index.feats.shape[1]} but the chunks' "
+            f"query embeddings {dim} ({chunks[0]}, ...): they come from different retrievers")
     per_round, score = round_metrics(table, index)
     metas = [read_metadata(c) for c in chunks]
     label = next((m["label"] for m in metas if m.get("label")), method)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,12 @@ def plan_dialogues(encoder, gallery: Gallery, rows: pd.DataFrame, rounds: int,
     ranks = gallery.target_ranks(feats, pids).tolist()
     active = list(range(len(rows)))
     plan: list[dict[str, Any]] = []
+    started = time.perf_counter()
     for r in range(rounds):
         if not active:
             break
+        log.info("look-ahead round %d/%d: %d dialogues (%.0f s so far)", r + 1, rounds,
+                 len(active), time.perf_counter() - started)
         choices = best_next_answers(
             encoder, gallery, [queries[i] for i in active], [answers[i] for i in active],
             [used[i] for i in active], pids[active], [ranks[i] for i in active],
@@ -178,6 +182,8 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
     index = Gallery.from_parquet(gallery, encoder.device)
     shard = rows.iloc[rank::world]
+    log.info("look-ahead over %d training images (%d on this process), up to %d rounds",
+             len(rows), len(shard), dcfg["rounds"])
     plan = plan_dialogues(encoder, index, shard, dcfg["rounds"], pcfg["min_remaining"],
                           pcfg["batch_size"], pcfg["random_history"], seed)
     if world > 1:
@@ -194,6 +200,7 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
              ", ".join(f"{v:.1f}" for v in recall))
 
     convs = build_conversations(rows, plan_df, pcfg, seed)
+    log.info("retrieval pools of %d conversations", len(convs))
     feats = encoder.encode_texts(list(convs.description), pcfg["batch_size"])
     pools = index.image_idx[index.top_k(feats, dcfg["pool_size"])].cpu().numpy()
     convs["pool"] = [p.astype(np.int32) for p in pools]

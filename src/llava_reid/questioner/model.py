@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
+from llava_reid.artifacts import reading
 from llava_reid.questioner.prompts import IM_END, PromptParts, assistant_turn
 from llava_reid.questioner.vision import VisionPreprocessor, visual_tokens
 from llava_reid.runtime import default_dtype, resolve_device
@@ -89,20 +90,22 @@ class Questioner:
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder}: not a LLaVA-OneVision model folder (no config.json)")
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        net = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            str(folder),
-            dtype=dtype or default_dtype(dev),
-            use_safetensors=True,
-            attn_implementation=attention_implementation(dev),
-        ).to(dev)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return cls(net.eval(), tokenizer, qcfg, dev)
+        with reading(folder, "the questioner"):
+            net = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                str(folder),
+                dtype=dtype or default_dtype(dev),
+                use_safetensors=True,
+                attn_implementation=attention_implementation(dev),
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(net.to(dev).eval(), tokenizer, qcfg, dev)
 
     def load_adapter(self, adapter: str | Path, trainable: bool = False, merge: bool = False):
         """Attach a PEFT LoRA adapter (and any modules it saved, e.g. the projector)."""
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(self.net, str(adapter), is_trainable=trainable)
+        with reading(adapter, "the questioner's LoRA adapter"):
+            peft_model = PeftModel.from_pretrained(self.net, str(adapter), is_trainable=trainable)
         self.net = peft_model.merge_and_unload() if merge else peft_model
         return self.net
 

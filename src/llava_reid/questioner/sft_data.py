@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from llava_reid.artifacts import read_table
+from llava_reid.artifacts import ArtifactError, read_table
 from llava_reid.questioner.prompts import PromptParts, build_prompt
 
 
@@ -57,7 +57,7 @@ def load_examples(conversations: str) -> list[Example]:
             pool=tuple(int(x) for x in row.pool),
         ))
     if not out:
-        raise ValueError(f"{conversations}: no conversations")
+        raise ArtifactError(f"{conversations}: no conversations")
     return out
 
 

@@ -74,7 +74,7 @@ def build_cache(questioner, paths: Sequence[Path], image_idx: Sequence[int], out
             chunks.append(toks.cpu())
             lengths.append(int(toks.shape[0]))
     if not chunks:
-        raise ValueError(f"{out}: no images to encode")
+        raise ArtifactError(f"{out}: no images to encode")
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
     tensors = {
@@ -162,7 +162,7 @@ def run(cfg: dict[str, Any], annotations: str, image_root: str, model: str, spli
     qcfg = cfg["questioner"]
     rows = read_annotations(annotations, split=split)
     if rows.empty:
-        raise ValueError(f"{annotations}: split {split!r} has no images")
+        raise ArtifactError(f"{annotations}: split {split!r} has no images")
     questioner = Questioner.from_pretrained(model, qcfg, cfg["device"])
     if adapter:
         questioner.load_adapter(adapter, merge=True)

@@ -58,7 +58,7 @@ def load_metrics(paths: list[str]) -> list[dict[str, Any]]:
     seen: set[str] = set()
     for path in paths:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise MetricsError(f"{path}: cannot read metrics ({exc})") from exc
         for key in ("method", "per_round"):
@@ -258,7 +258,7 @@ def write_tsv(methods: list[dict[str, Any]], path: Path) -> None:
                  cell(m["BRI"]), cell(m["queries"]), *bounds]
             )
     with atomic_path(path, suffix=".tsv") as tmp:
-        tmp.write_text(buf.getvalue())
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
 Column = tuple[str, Any, bool, str, Any]
@@ -383,7 +383,7 @@ def write_html(methods: list[dict[str, Any]], path: Path,
         "",
     ]
     with atomic_path(path, suffix=".html") as tmp:
-        tmp.write_text("\n".join(lines))
+        tmp.write_text("\n".join(lines), encoding="utf-8")
 
 
 def run(cfg: dict[str, Any], metrics: list[str], dialogues: list[str], out_dir: str) -> None:

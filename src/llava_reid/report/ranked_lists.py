@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from llava_reid.artifacts import atomic_path, read_table
+from llava_reid.artifacts import ArtifactError, atomic_path, read_table
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def run(cfg: dict[str, Any], dialogues: str, gallery: str, image_root: str, out:
     top_k = int(settings["top_k"])
     by_query = _load_dialogues(dialogues)
     if not by_query:
-        raise ValueError(f"{dialogues}: no dialogues")
+        raise ArtifactError(f"{dialogues}: no dialogues")
     stored = max(len(rows[0]["top_k"]) for rows in by_query.values())
     if top_k > stored:
         log.warning("report.top_k = %d, but the dialogues store only the top %d", top_k, stored)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llava_reid.artifacts import reading
 from llava_reid.data.transforms import RetrieverTransform, load_pixels
 from llava_reid.retriever.model import QueryTokenizer, Retriever, load_clip, load_tokenizer
 from llava_reid.runtime import default_dtype, resolve_device
@@ -30,7 +31,7 @@ def retriever_settings(rcfg: dict) -> dict:
 
 def write_settings(folder: str | Path, rcfg: dict) -> None:
     text = json.dumps(retriever_settings(rcfg), indent=2) + "\n"
-    (Path(folder) / SETTINGS_FILE).write_text(text)
+    (Path(folder) / SETTINGS_FILE).write_text(text, encoding="utf-8")
 
 
 class RetrieverEncoder:
@@ -51,7 +52,8 @@ class RetrieverEncoder:
         settings_path = folder / SETTINGS_FILE
         if not settings_path.exists():
             raise FileNotFoundError(f"{settings_path}: not a trained retriever folder")
-        settings = json.loads(settings_path.read_text())
+        with reading(settings_path, "the retriever's settings"):
+            settings = json.loads(settings_path.read_text(encoding="utf-8"))
         dev = resolve_device(device)
         clip = load_clip(folder, dtype=default_dtype(dev))
         model = Retriever(clip, num_classes=0, with_mlm=False,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from llava_reid.artifacts import write_table
+from llava_reid.artifacts import ArtifactError, write_table
 from llava_reid.data.annotations import read_annotations
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.runtime import config_hash
@@ -39,7 +39,7 @@ def run(
 ) -> None:
     rows = read_annotations(annotations, split=split)
     if rows.empty:
-        raise ValueError(f"{annotations}: split {split!r} has no images")
+        raise ArtifactError(f"{annotations}: split {split!r} has no images")
     encoder = RetrieverEncoder.from_pretrained(model, cfg["device"])
     bs = cfg["features"]["batch_size"]
     root = Path(image_root)

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
+from llava_reid.artifacts import ArtifactError, reading
+
 log = logging.getLogger(__name__)
 
 
@@ -153,8 +155,19 @@ def _init_head(m: nn.Module) -> None:
 
 
 def load_clip(path: str | Path, dtype: torch.dtype = torch.float32) -> CLIPModel:
-    return CLIPModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    """The CLIP weights of a retriever folder; a missing or broken file is an error naming it."""
+    _require_folder(path, "retriever model")
+    with reading(path, "the retriever's CLIP weights"):
+        return CLIPModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(path))
+    _require_folder(path, "retriever tokenizer")
+    with reading(path, "the retriever's tokenizer"):
+        return AutoTokenizer.from_pretrained(str(path))
+
+
+def _require_folder(path: str | Path, what: str) -> None:
+    # from_pretrained would take a missing local folder for a hub id and say nothing useful.
+    if not Path(path).is_dir():
+        raise ArtifactError(f"{path}: {what} folder not found")

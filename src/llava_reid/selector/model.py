@@ -25,6 +25,7 @@ cannot be separated from the sizes needed to rebuild it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -35,12 +36,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llava_reid.artifacts import atomic_path
+from llava_reid.artifacts import ArtifactError, atomic_path, reading
 
 INVALID_SCORE = -1e4  # score of a pool position the selector may not pick
 FILE_NAME = "selector.safetensors"  # file name used when save/load are given a folder
 FORMAT = "llava_reid.selector/1"
 PRIOR_SCALE = 50.0  # initial logit scale of the optional retrieval prior
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, shapes, dtypes and bytes: safetensors has no checksum,
+    so a flipped byte in the weights would otherwise load without a word."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _file(path: str | Path) -> Path:
@@ -97,6 +109,7 @@ class Selector(nn.Module):
         for key, value in (extra or {}).items():
             meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta["sha256"] = tensors_digest(tensors)
         with atomic_path(target, suffix=".safetensors") as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return target
@@ -104,7 +117,8 @@ class Selector(nn.Module):
     @staticmethod
     def read_metadata(path: str | Path) -> dict[str, str]:
         """The file's metadata (``format``, ``config`` and any ``extra`` keys), as strings."""
-        with safe_open(str(_file(path)), framework="pt") as f:
+        with reading(_file(path), "the selector"), safe_open(str(_file(path)),
+                                                             framework="pt") as f:
             return dict(f.metadata() or {})
 
     @classmethod
@@ -115,9 +129,14 @@ class Selector(nn.Module):
             raise FileNotFoundError(f"{target}: no selector checkpoint")
         meta = cls.read_metadata(target)
         if meta.get("format") != FORMAT or "config" not in meta:
-            raise ValueError(f"{target}: not a selector checkpoint (format {meta.get('format')!r})")
+            raise ArtifactError(f"{target}: not a selector checkpoint (format {meta.get('format')!r})")
         model = cls.from_config(json.loads(meta["config"]))
-        model.load_state_dict(load_file(str(target)), strict=True)
+        with reading(target, "the selector's weights"):
+            state = load_file(str(target))
+            if meta.get("sha256") and tensors_digest(state) != meta["sha256"]:
+                raise ArtifactError(f"{target}: corrupted selector (its weights do not match "
+                                    "their checksum); delete it so that it is rebuilt")
+            model.load_state_dict(state, strict=True)
         return model.to(device).eval()
 
     # -- scoring ------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llava_reid.artifacts import read_table, write_json
+from llava_reid.artifacts import ArtifactError, read_table, write_json
 from llava_reid.runtime import config_hash, resolve_device, seed_everything
 from llava_reid.selector.model import Selector
 from llava_reid.selector.sampler import selectable_mask, topk_positions
@@ -330,15 +330,15 @@ def load_pools(conversations: str, position_of: dict[int, int]):
     frame = table.to_pandas()
     frame = frame[~frame.idk_augmented.astype(bool)].reset_index(drop=True)
     if frame.empty:
-        raise ValueError(f"{conversations}: no non-augmented conversations to warm up on")
+        raise ArtifactError(f"{conversations}: no non-augmented conversations to warm up on")
     lengths = frame.pool.map(len)
     if lengths.nunique() != 1:
-        raise ValueError(f"{conversations}: pools of different lengths {sorted(set(lengths))}")
+        raise ArtifactError(f"{conversations}: pools of different lengths {sorted(set(lengths))}")
     pools = np.stack(frame.pool.to_numpy()).astype(np.int64)  # [R, L] image_idx
     try:
         rows = np.vectorize(position_of.__getitem__, otypes=[np.int64])(pools)
     except KeyError as exc:
-        raise ValueError(f"{conversations}: pool image_idx {exc} not in the gallery") from exc
+        raise ArtifactError(f"{conversations}: pool image_idx {exc} not in the gallery") from exc
     return (list(frame.description), torch.from_numpy(rows),
             torch.tensor(frame["round"].to_numpy(), dtype=torch.long),
             frame.pid.to_numpy())
