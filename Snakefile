@@ -28,7 +28,6 @@ validate(config, "workflow/schemas/config.schema.yaml")
 # envs/*.post-deploy.sh install the project from here (Snakemake copies envs/*.yaml away).
 os.environ.update(LLAVA_REID_WORKFLOW_DIR=str(workflow.current_basedir))
 # Stop now, in one line, if the evaluate jobs would not find what the answerer needs.
-sys.path.insert(0, f"{workflow.current_basedir}/src")
 from llava_reid.answerer.runtime_check import require_answerer_runtime
 
 require_answerer_runtime(

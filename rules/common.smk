@@ -74,6 +74,7 @@ def all_targets():
 
 # -- evaluation -----------------------------------------------------------------------------
 
+
 def eval_chunks(wildcards):
     """A method's evaluation chunks: eval/{method}/chunks/{i}-of-{n}.parquet, i < n."""
     n = config["evaluate"]["chunks"]
