@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from llava_reid.config import load_config
 from llava_reid.runtime import setup_logging
+from llava_reid.usage import StageUsage
 
 # subcommand -> (module, function, help, [(flag, kwargs), ...])
 Arg = tuple[str, dict]
@@ -261,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in vars(args).items()
         if k not in ("command", "config", "log_level", "nproc")
     }
+    usage = StageUsage(args.command)
     _resolve(module, function)(cfg, **kwargs)
+    usage.report()
     return 0
 
 
