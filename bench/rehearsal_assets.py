@@ -60,15 +60,16 @@ ENCODER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "voca
 
 # A few hundred images at the real size; every split's gallery larger than the 200-image
 # retrieval pool the dialogue uses (dialogue.pool_size).
-DATA = {"identities": {"train": 130, "val": 50, "test": 110}, "images_per_identity": 2,
+DATA = {"identities": {"train": 110, "val": 50, "test": 105}, "images_per_identity": 2,
         "image_height": 384, "image_width": 128, "questions_per_image": 9}
 
 
-def build_data(out: Path, seed: int) -> Path:
+def build_data(out: Path, seed: int, identities: dict[str, int] | None = None) -> Path:
     folder = out / "data"
     if (folder / "annotations.json").exists():
         return folder
-    synthetic.run({"seed": seed, "data": {"synthetic": DATA}}, str(folder))
+    scfg = {**DATA, "identities": identities or DATA["identities"]}
+    synthetic.run({"seed": seed, "data": {"synthetic": scfg}}, str(folder))
     return folder
 
 
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--shrink", action="store_true", help="small networks (CPU glue check)")
     ap.add_argument("--encoder-from", help="folder with all-MiniLM-L6-v2's config/tokenizer")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--identities", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                    help="identities per split (default: the rehearsal's)")
     ap.add_argument("--only", choices=("data", "models"),
                     help="build only the data set or only the models (two processes at once)")
     args = ap.parse_args()
@@ -186,7 +189,8 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     times = {}
     parts = (
-        ("data", lambda: build_data(out, args.seed)),
+        ("data", lambda: build_data(out, args.seed, args.identities and dict(
+            zip(("train", "val", "test"), args.identities, strict=True)))),
         ("clip", lambda: build_clip(out, text_corpus(), args.shrink)),
         ("encoder", lambda: build_encoder(out, encoder_source(args.encoder_from), args.shrink)),
         ("questioner", lambda: build_questioner(out, args.shrink, dev)),

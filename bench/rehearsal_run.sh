@@ -28,7 +28,10 @@ start)
     date -u +%FT%TZ >results/started
     python3 bench/rehearsal_assets.py --out $assets --only data >results/assets_data.log 2>&1 &
     data=$!
-    python3 bench/rehearsal_assets.py --out $assets --only models >results/assets_models.log 2>&1 ||
+    # REHEARSAL_ENCODER_FROM: all-MiniLM-L6-v2's config/tokenizer, where its package is absent.
+    python3 bench/rehearsal_assets.py --out $assets --only models \
+        ${REHEARSAL_ENCODER_FROM:+--encoder-from "$REHEARSAL_ENCODER_FROM"} \
+        >results/assets_models.log 2>&1 ||
         { tail -20 results/assets_models.log; exit 1; }
     wait $data || { tail -20 results/assets_data.log; exit 1; }
     date -u +%FT%TZ >results/assets_done
@@ -49,7 +52,7 @@ collect)
     dir=${2:?dir}
     [ -e results/snakemake.rc ] &&
         snakemake --summary --configfile $configs >results/summary.tsv 2>/dev/null
-    grep -h "usage " $run/logs/*.log >results/usage.txt 2>/dev/null
+    grep -H "usage " $run/logs/*.log >results/usage.txt 2>/dev/null
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >results/gpu.txt
     tar czf "$dir/rehearsal.tar.gz" --ignore-failed-read $run/benchmarks $run/logs \
         $run/*/metrics.json $run/*/warmup_metrics.json $run/eval/*/metrics.json \
