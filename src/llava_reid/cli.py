@@ -19,6 +19,7 @@ from llava_reid import __version__
 from llava_reid.config import load_config
 from llava_reid.runtime import setup_logging
 from llava_reid.stage_views import STAGE_KEYS, StageConfig
+from llava_reid.usage import StageUsage
 
 # subcommand -> (module, function, help, [(flag, kwargs), ...])
 Arg = tuple[str, dict]
@@ -355,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.config.lstrip().startswith("{") and args.command in STAGE_KEYS:
             # A rule's view: reading a key the rule does not pass is an error, not a silent miss.
             cfg = StageConfig.wrap(cfg, args.command, getattr(args, "method", None))
+        usage = StageUsage(args.command)
         _resolve(module, function)(cfg, **kwargs)
+        usage.report()
     except KeyboardInterrupt:
         print(f"llava-reid {args.command}: interrupted", file=sys.stderr)
         return 130

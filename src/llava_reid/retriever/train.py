@@ -303,6 +303,9 @@ def run(
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         losses = {k: round(v / steps_per_epoch, 4) for k, v in sums.items()}
+        # The steps alone (data loading included), apart from validation and checkpoints; logged
+        # only (a time is not a metric: metrics.json stays identical across runs).
+        train_seconds = round(time.time() - started, 1)
 
         record: dict[str, Any] = {"epoch": epoch, "loss": losses, "seconds": 0.0}
         if accelerator.is_main_process:
@@ -320,9 +323,10 @@ def run(
             state["epoch"] = epoch
             ckpt.save_state(net, optimizer, scheduler, state)
             log.info(
-                "epoch %d/%d loss %s val %s=%.2f (best %.2f @ %d) %.1fs",
+                "epoch %d/%d loss %s val %s=%.2f (best %.2f @ %d) %.1fs (steps %.1fs)",
                 epoch, rcfg["epochs"], losses, rcfg["select_metric"], score,
                 state["best"]["score"], state["best"]["epoch"], record["seconds"],
+                train_seconds,
             )
         accelerator.wait_for_everyone()
         state = ckpt.load_state() or state
