@@ -1,5 +1,6 @@
 import json
 import os
+from types import SimpleNamespace
 
 RESULTS = f"{config['results']}/{config['run']}"
 SPLITS = ["train", "val", "test"]
@@ -153,3 +154,30 @@ def report_targets():
         out("report/metrics.html"),
         *expand(out("report/ranked_lists/{method}.png"), method=eval_methods()),
     ]
+
+
+# -- witness demo ---------------------------------------------------------------------------
+
+
+def demo_method():
+    return "selector" if "selector" in config["evaluate"]["methods"] else "questioner"
+
+
+def demo_inputs(wildcards):
+    """What `llava-reid demo` loads: the retriever, the test features, the questioner with its
+    adapter, visual tokens and selector, and the simulated answerer's dialogues that replay
+    mode compares with."""
+    method = demo_method()
+    return {
+        "annotations": out("data/annotations.parquet"),
+        "gallery": out("features/test_gallery.parquet"),
+        "queries": out("features/test_queries.parquet"),
+        "retriever": out("retriever/model"),
+        "simulated": out(f"eval/{method}/dialogues.parquet"),
+        **method_models(SimpleNamespace(method=method)),
+    }
+
+
+def demo_configfile():
+    """The config file this workflow runs on: the page must load the same one."""
+    return str(workflow.configfiles[-1]) if workflow.configfiles else "config.yaml"

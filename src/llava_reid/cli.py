@@ -205,7 +205,40 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--out", {"required": True, "help": "PNG file"}),
         ],
     ),
+    "demo": (
+        "llava_reid.witness.commands",
+        "demo",
+        "Witness page: search a trained run's gallery by answering its questions (browser).",
+        [
+            ("--run", {"default": None, "help": "run folder (default: {results}/{run})"}),
+            ("--method", {"default": None, "help": "selector|questioner (default: selector)"}),
+            ("--image-root", {"default": None, "help": "folder gallery file paths are under"}),
+            ("--host", {"default": "127.0.0.1", "help": "0.0.0.0 exposes the page"}),
+            ("--port", {"default": 7860, "type": int}),
+            ("--top-k", {"default": 10, "type": int, "help": "ranked images shown"}),
+            ("--sessions", {"default": None, "help": "folder (default: {run}/witness/sessions)"}),
+            ("--token-env", {"default": "LLAVA_REID_DEMO_TOKEN",
+                             "help": "environment variable holding an access token"}),
+            ("--check", {"action": "store_true", "help": "only check the run, print the command"}),
+        ],
+    ),
+    "chat": (
+        "llava_reid.witness.commands",
+        "chat",
+        "Witness loop in the terminal: ranked ids and paths, a question, your answer (stdin).",
+        [
+            ("--run", {"default": None, "help": "run folder (default: {results}/{run})"}),
+            ("--method", {"default": None, "help": "selector|questioner (default: selector)"}),
+            ("--image-root", {"default": None, "help": "folder gallery file paths are under"}),
+            ("--query", {"default": None, "type": int, "help": "replay this test query id"}),
+            ("--top-k", {"default": 10, "type": int, "help": "ranked images shown"}),
+            ("--sessions", {"default": None, "help": "folder (default: {run}/witness/sessions)"}),
+        ],
+    ),
 }
+
+# Interactive commands on a finished run: --config defaults to the repository's config file.
+INTERACTIVE = ("demo", "chat")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -220,7 +253,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, (_, _, help_text, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", required=True, help="inline JSON or a config YAML path")
+        p.add_argument("--config", required=name not in INTERACTIVE, default="config.yaml",
+                       help="inline JSON or a config YAML path")
         for flag, kwargs in args:
             p.add_argument(flag, **kwargs)
     return parser
@@ -261,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in vars(args).items()
         if k not in ("command", "config", "log_level", "nproc")
     }
+    if args.command in INTERACTIVE:
+        kwargs["config_path"] = args.config
     _resolve(module, function)(cfg, **kwargs)
     return 0
 
