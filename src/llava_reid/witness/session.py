@@ -25,14 +25,14 @@ import torch
 
 from llava_reid.artifacts import write_table
 from llava_reid.interact.askers import Dialogue, RoundContext
-from llava_reid.interact.engine import TOP_K_RECORDED, advance
+from llava_reid.interact.engine import TOP_K_RECORDED, UNKNOWN_TARGET, advance
 from llava_reid.interact.evaluate import rows_table
 from llava_reid.interact.query import append_answer
 from llava_reid.runtime import config_hash
 from llava_reid.witness.models import WitnessModels
 
 PERSON = "person"
-UNKNOWN_ID = -1  # query_id / pid of a free session (no known target)
+UNKNOWN_ID = UNKNOWN_TARGET  # query_id / pid of a free session (no known target)
 IDK = "I don't know"
 
 
