@@ -82,13 +82,14 @@ function render() {
     if (r.candidate) classes.push("candidate");
     if (s.mode === "replay" && r.pid === s.target_pid) classes.push("is-target");
     if (s.picked === r.image_idx) classes.push("picked");
+    const head = el("div", {class: "head"}, el("span", {class: "rank", textContent: `#${r.rank}`}));
+    if (cands.has(r.image_idx)) head.append(el("span", {class: "tag cand", textContent: "asked", title: "shown to the questioner"}));
+    if (s.mode === "replay" && r.pid === s.target_pid) head.append(el("span", {class: "tag tgt", textContent: "target"}));
     const card = el("figure", {class: classes.join(" "),
       dataset: {rank: r.rank, imageIdx: r.image_idx, candidate: r.candidate ? "1" : "0"}},
-      el("span", {class: "rank", textContent: `#${r.rank}`}),
+      head,
       el("img", {src: `/image/${r.image_idx}`, alt: `image ${r.image_idx}`, loading: "lazy"}),
       el("div", {class: "meta", textContent: `score ${r.score.toFixed(3)} · id ${r.pid}`}));
-    if (cands.has(r.image_idx)) card.append(el("span", {class: "tag cand", textContent: "asked", title: "shown to the questioner"}));
-    if (s.mode === "replay" && r.pid === s.target_pid) card.append(el("span", {class: "tag tgt", textContent: "target"}));
     if (!s.finished) {
       card.append(el("button", {type: "button", textContent: "That's them",
         onclick: () => act(() => api(`/api/sessions/${s.session_id}/finish`, {image_idx: r.image_idx}))}));
