@@ -176,8 +176,3 @@ def demo_inputs(wildcards):
         "simulated": out(f"eval/{method}/dialogues.parquet"),
         **method_models(SimpleNamespace(method=method)),
     }
-
-
-def demo_configfile():
-    """The config file this workflow runs on: the page must load the same one."""
-    return str(workflow.configfiles[-1]) if workflow.configfiles else "config.yaml"

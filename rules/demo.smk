@@ -13,8 +13,8 @@ rule demo:
         "../envs/train.yaml"
     params:
         method=demo_method(),
-        configfile=demo_configfile(),
+        cfg=json.dumps(config, sort_keys=True),
         run=RESULTS,
     shell:
-        "llava-reid demo --config {params.configfile:q} --run {params.run:q}"
+        "llava-reid demo --config {params.cfg:q} --run {params.run:q}"
         " --method {params.method} --check 2>&1 | tee {log}"

@@ -130,8 +130,11 @@ def test_snakemake_demo_builds_the_run_and_prints_the_command(tiny_run):
                 "eval/selector/dialogues.parquet"):
         assert (run / rel).exists(), rel
     assert not (run / "eval/initial").exists()  # only what the demo needs
-    assert f"llava-reid demo --config {tiny_run['cfg_file']} --run {run.relative_to(run.parents[1])}" \
-        in printed
+    assert f"llava-reid demo --run {run.relative_to(run.parents[1])}\n" in printed
+    # The config Snakemake ran on is kept in the run: `llava-reid demo --run` needs no other.
+    saved = yaml.safe_load((run / "witness/config.yaml").read_text())
+    assert saved["dialogue"] == tiny_run["cfg"]["dialogue"]
+    assert saved["questioner"]["tiny"] == tiny_run["cfg"]["questioner"]["tiny"]
 
 
 def test_page_follows_the_dialogue_engine(server, engine, tiny_run, tmp_path):
@@ -249,9 +252,11 @@ def test_token_and_bad_requests(server):
     assert _request(url + "image/..%2fetc%2fpasswd", token=TOKEN)[0] == 404
 
 
-def _chat(tiny_run, stdin: str, *args: str, sessions: Path) -> str:
-    cmd = [sys.executable, "-m", "llava_reid.cli", "chat", "--config", str(tiny_run["cfg_file"]),
-           "--run", str(tiny_run["run"]), "--sessions", str(sessions), *args]
+def _chat(tiny_run, stdin: str, *args: str, sessions: Path, config: bool = True) -> str:
+    cmd = [sys.executable, "-m", "llava_reid.cli", "chat", "--run", str(tiny_run["run"]),
+           "--sessions", str(sessions), *args]
+    if config:
+        cmd += ["--config", str(tiny_run["cfg_file"])]
     proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -281,11 +286,12 @@ def test_chat_in_the_terminal(tiny_run, engine, tmp_path):
 
 
 def test_chat_replay_matches_the_evaluation(tiny_run, tmp_path):
-    """Replay a test query: round 0 is the evaluation's own round 0 (same query, same rank,
-    same question); stopping at once saves one final round."""
+    """Replay a test query with the config saved in the run: round 0 is the evaluation's own
+    round 0 (same query, same rank, same question); stopping at once saves one final round."""
     sim = pd.read_parquet(tiny_run["run"] / "eval/selector/dialogues.parquet")
     first = sim[sim["round"] == 0].sort_values("query_id").iloc[0]
-    out = _chat(tiny_run, "stop\n", "--query", str(int(first.query_id)), sessions=tmp_path)
+    out = _chat(tiny_run, "stop\n", "--query", str(int(first.query_id)), sessions=tmp_path,
+                config=False)  # the run's own saved config
     assert f"target rank: {int(first.target_rank)}\n" in out
     assert f"question: {first.question}\n" in out
     assert f"simulated answerer, round 0: rank {int(first.target_rank)}" in out

@@ -253,8 +253,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, (_, _, help_text, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", required=name not in INTERACTIVE, default="config.yaml",
-                       help="inline JSON or a config YAML path")
+        interactive = name in INTERACTIVE
+        p.add_argument("--config", required=not interactive,
+                       help="inline JSON or a config YAML path" + (
+                           " (default: the run's witness/config.yaml, else config.yaml)"
+                           if interactive else ""))
         for flag, kwargs in args:
             p.add_argument(flag, **kwargs)
     return parser
@@ -289,14 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         return _relaunch_distributed(args.nproc, argv)
     setup_logging(args.log_level)
     module, function, _, _ = COMMANDS[args.command]
+    if args.command in INTERACTIVE and args.config is None:
+        from llava_reid.witness.run_files import default_config
+
+        args.config = default_config(args.run)
     cfg = load_config(args.config)
     kwargs = {
         k: v
         for k, v in vars(args).items()
         if k not in ("command", "config", "log_level", "nproc")
     }
-    if args.command in INTERACTIVE:
-        kwargs["config_path"] = args.config
     _resolve(module, function)(cfg, **kwargs)
     return 0
 

@@ -28,18 +28,25 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def start_command(config: str, run: Path) -> str:
-    flags = "" if config == "config.yaml" else f" --config {config}"
-    return f"llava-reid demo{flags} --run {run}"
+def save_run_config(cfg: dict[str, Any], run: Path) -> Path:
+    """Keep the workflow's whole config (presets merged) in the run, for the page to load."""
+    import yaml
+
+    from llava_reid.artifacts import atomic_path
+    from llava_reid.witness.run_files import RUN_CONFIG
+
+    path = run / RUN_CONFIG
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
 
 
 def demo(cfg: dict[str, Any], run: str | None = None, method: str | None = None,
          image_root: str | None = None, host: str = "127.0.0.1", port: int = 7860,
          top_k: int = 10, sessions: str | None = None,
-         token_env: str = "LLAVA_REID_DEMO_TOKEN", check: bool = False,
-         config_path: str = "config.yaml") -> None:
-    """Serve the witness page on ``run`` (``check``: only say whether the run is ready and
-    how to start the page)."""
+         token_env: str = "LLAVA_REID_DEMO_TOKEN", check: bool = False) -> None:
+    """Serve the witness page on ``run`` (``check``: check the run is ready, save the config
+    in it and print how to start the page)."""
     from llava_reid.witness.server import (
         WitnessApp,
         serve,
@@ -51,8 +58,9 @@ def demo(cfg: dict[str, Any], run: str | None = None, method: str | None = None,
     files = RunFiles.locate(run_dir, cfg, method, image_root)
     if check:
         files.check()
+        save_run_config(cfg, run_dir)
         print(f"The witness demo is ready on {run_dir} ({files.method}). Start the page with:\n"
-              f"  {start_command(config_path, run_dir)}\n"
+              f"  llava-reid demo --run {run_dir}\n"
               "then open http://127.0.0.1:7860/ (or `llava-reid chat` with the same flags in a "
               "terminal).", flush=True)
         return
@@ -75,7 +83,7 @@ def demo(cfg: dict[str, Any], run: str | None = None, method: str | None = None,
 
 def chat(cfg: dict[str, Any], run: str | None = None, method: str | None = None,
          image_root: str | None = None, query: int | None = None, top_k: int = 10,
-         sessions: str | None = None, config_path: str = "config.yaml") -> None:
+         sessions: str | None = None) -> None:
     """The witness loop on standard input/output."""
     from llava_reid.witness.chat import run_loop
     from llava_reid.witness.models import WitnessModels

@@ -11,6 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The config `snakemake demo` saw (presets merged), saved in the run for `llava-reid demo`.
+RUN_CONFIG = "witness/config.yaml"
+
+
+def default_config(run: str | Path | None) -> str:
+    """The config a demo on ``run`` loads when none is given: the run's saved one, else the
+    repository's config.yaml."""
+    if run is not None and (Path(run) / RUN_CONFIG).exists():
+        return str(Path(run) / RUN_CONFIG)
+    return "config.yaml"
+
 
 class RunNotReady(FileNotFoundError):
     """The run lacks artifacts the demo needs."""
