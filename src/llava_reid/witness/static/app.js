@@ -89,7 +89,8 @@ function render() {
       dataset: {rank: r.rank, imageIdx: r.image_idx, candidate: r.candidate ? "1" : "0"}},
       head,
       el("img", {src: `/image/${r.image_idx}`, alt: `image ${r.image_idx}`, loading: "lazy"}),
-      el("div", {class: "meta", textContent: `score ${r.score.toFixed(3)} · id ${r.pid}`}));
+      el("div", {class: "meta"}, el("div", {textContent: `score ${r.score.toFixed(3)}`}),
+        el("div", {textContent: `id ${r.pid}`})));
     if (!s.finished) {
       card.append(el("button", {type: "button", textContent: "That's them",
         onclick: () => act(() => api(`/api/sessions/${s.session_id}/finish`, {image_idx: r.image_idx}))}));
