@@ -152,6 +152,7 @@ def test_page_follows_the_dialogue_engine(server, engine, tiny_run, tmp_path):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     shots = os.environ.get("LLAVA_REID_DEMO_SCREENSHOTS")
+    before = set(server["sessions"].glob("*.parquet"))
     try:
         wait = WebDriverWait(driver, 120)
         driver.get(server["url"] + f"?token={TOKEN}")
@@ -205,7 +206,7 @@ def test_page_follows_the_dialogue_engine(server, engine, tiny_run, tmp_path):
     assert seen[0]["top"] != seen[2]["top"], "the answers should change the ranking"
     assert f"You picked image {picked}" in done
 
-    files = list(server["sessions"].glob("*.parquet"))
+    files = sorted(set(server["sessions"].glob("*.parquet")) - before)
     assert len(files) == 1
     table = read_table(files[0], "dialogues")  # a witness session reads as dialogue rows
     assert read_metadata(files[0])["kind"] == "witness_dialogues"
@@ -249,6 +250,16 @@ def test_token_and_bad_requests(server):
     status, body = _request(url + "api/sessions", {"query_id": 987654}, token=TOKEN)
     assert status == 400 and "987654" in json.loads(body)["error"]
     assert _request(url + "image/999999", token=TOKEN)[0] == 404
+    # A pick outside the gallery is refused and leaves the session as it was.
+    status, body = _request(url + "api/sessions", {"description": DESCRIPTION}, token=TOKEN)
+    assert status == 200
+    start = json.loads(body)
+    status, body = _request(url + f"api/sessions/{start['session_id']}/finish",
+                            {"image_idx": 999999}, token=TOKEN)
+    assert status == 400 and "999999" in json.loads(body)["error"]
+    status, body = _request(url + f"api/sessions/{start['session_id']}", token=TOKEN)
+    now = json.loads(body)
+    assert not now["finished"] and now["question"] == start["question"] != ""
     assert _request(url + "image/..%2fetc%2fpasswd", token=TOKEN)[0] == 404
 
 

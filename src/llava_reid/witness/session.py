@@ -140,12 +140,12 @@ class WitnessSession:
     def finish(self, picked: int | None = None) -> None:
         """End the session ("that's them" with ``picked``, or stop without a pick)."""
         self._check_open()
+        position = self.models.gallery.position_of()
+        if picked is not None and int(picked) not in position:
+            raise KeyError(f"image {picked} is not in the gallery {self.models.files.gallery}")
         last = self.rows[-1]  # its question was never answered: the row is a final ranking
         last.update(question="", answer="", candidates=[], seen_images=[])
         if picked is not None:
-            position = self.models.gallery.position_of()
-            if int(picked) not in position:
-                raise KeyError(f"image {picked} is not in the gallery {self.models.files.gallery}")
             self.picked = int(picked)
             if not self.replay:  # the person's pick names the target of a free session
                 self._set_target(int(self.models.gallery.pids[position[self.picked]]))
