@@ -42,6 +42,7 @@ include: "rules/questioner.smk"
 include: "rules/selector.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/demo.smk"
 
 
 rule all:

@@ -1,4 +1,6 @@
+import json
 import os
+from types import SimpleNamespace
 
 from llava_reid.stage_views import QUESTIONER_METHODS, stage_view_json
 
@@ -160,3 +162,25 @@ def training_metrics():
         stages["warmup"] = out("selector/warmup_metrics.json")
         stages["joint"] = out("joint/metrics.json")
     return stages
+
+
+# -- witness demo ---------------------------------------------------------------------------
+
+
+def demo_method():
+    return "selector" if "selector" in config["evaluate"]["methods"] else "questioner"
+
+
+def demo_inputs(wildcards):
+    """What `llava-reid demo` loads: the retriever, the test features, the questioner with its
+    adapter, visual tokens and selector, and the simulated answerer's dialogues that replay
+    mode compares with."""
+    method = demo_method()
+    return {
+        "annotations": out("data/annotations.parquet"),
+        "gallery": out("features/test_gallery.parquet"),
+        "queries": out("features/test_queries.parquet"),
+        "retriever": out("retriever/model"),
+        "simulated": out(f"eval/{method}/dialogues.parquet"),
+        **method_models(SimpleNamespace(method=method)),
+    }

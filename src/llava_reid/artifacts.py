@@ -101,6 +101,17 @@ SCHEMAS: dict[str, list[tuple[str, Any]]] = {
     ],
 }
 
+# A person's dialogue with the trained system (llava_reid.witness): the evaluation's dialogue
+# rows plus who answered, the session and the image the person picked (-1: none).
+SCHEMAS["witness_dialogues"] = [
+    *SCHEMAS["dialogues"],
+    ("answered_by", pa.string()),
+    ("session_id", pa.string()),
+    ("picked", pa.int32()),
+]
+# kind -> the kind whose schema it extends: it reads as that kind too (merged and scored alike).
+EXTENDS = {"witness_dialogues": "dialogues"}
+
 
 class ArtifactError(ValueError):
     """An artifact is missing, unreadable, corrupted or does not match its declared schema."""
@@ -294,7 +305,7 @@ def read_table(path: str | os.PathLike, kind: str, columns: list[str] | None = N
             want = "fixed_size_list<float32>" if typ is EMBEDDING else str(typ)
             raise ArtifactError(f"{path}: column {name!r} has type {got}, expected {want}")
     stored_kind = (schema.metadata or {}).get(b"llava_reid.kind", b"").decode()
-    if stored_kind and stored_kind != kind:
+    if stored_kind and kind not in (stored_kind, EXTENDS.get(stored_kind)):
         raise ArtifactError(f"{path}: holds artifact {stored_kind!r}, expected {kind!r}")
     try:
         return pq.read_table(path, columns=columns, page_checksum_verification=True)

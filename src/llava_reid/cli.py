@@ -223,7 +223,40 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--out", {"required": True, "help": "PNG file"}),
         ],
     ),
+    "demo": (
+        "llava_reid.witness.commands",
+        "demo",
+        "Witness page: search a trained run's gallery by answering its questions (browser).",
+        [
+            ("--run", {"default": None, "help": "run folder (default: {results}/{run})"}),
+            ("--method", {"default": None, "help": "selector|questioner (default: selector)"}),
+            ("--image-root", {"default": None, "help": "folder gallery file paths are under"}),
+            ("--host", {"default": "127.0.0.1", "help": "0.0.0.0 exposes the page"}),
+            ("--port", {"default": 7860, "type": int}),
+            ("--top-k", {"default": 10, "type": int, "help": "ranked images shown"}),
+            ("--sessions", {"default": None, "help": "folder (default: {run}/witness/sessions)"}),
+            ("--token-env", {"default": "LLAVA_REID_DEMO_TOKEN",
+                             "help": "environment variable holding an access token"}),
+            ("--check", {"action": "store_true", "help": "only check the run, print the command"}),
+        ],
+    ),
+    "chat": (
+        "llava_reid.witness.commands",
+        "chat",
+        "Witness loop in the terminal: ranked ids and paths, a question, your answer (stdin).",
+        [
+            ("--run", {"default": None, "help": "run folder (default: {results}/{run})"}),
+            ("--method", {"default": None, "help": "selector|questioner (default: selector)"}),
+            ("--image-root", {"default": None, "help": "folder gallery file paths are under"}),
+            ("--query", {"default": None, "type": int, "help": "replay this test query id"}),
+            ("--top-k", {"default": 10, "type": int, "help": "ranked images shown"}),
+            ("--sessions", {"default": None, "help": "folder (default: {run}/witness/sessions)"}),
+        ],
+    ),
 }
+
+# Interactive commands on a finished run: --config defaults to the repository's config file.
+INTERACTIVE = ("demo", "chat")
 
 
 # Help and closed sets of the flags many stages share (a stage's own entry above wins).
@@ -272,7 +305,11 @@ def _build_parser() -> argparse.ArgumentParser:
                                 help="the workflow stage to run (STAGE --help: its flags)")
     for name, (_, _, help_text, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", required=True, help="inline JSON or a config YAML path")
+        interactive = name in INTERACTIVE
+        p.add_argument("--config", required=not interactive,
+                       help="inline JSON or a config YAML path" + (
+                           " (default: the run's witness/config.yaml, else config.yaml)"
+                           if interactive else ""))
         for flag, kwargs in args:
             extra = {}
             if "help" not in kwargs:
@@ -346,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         return _relaunch_distributed(args.nproc, argv)
     setup_logging(args.log_level)
     module, function, _, _ = COMMANDS[args.command]
+    if args.command in INTERACTIVE and args.config is None:
+        from llava_reid.witness.run_files import default_config
+
+        args.config = default_config(args.run)
     kwargs = {
         k: v
         for k, v in vars(args).items()

@@ -27,6 +27,7 @@ from llava_reid.interact.query import append_answer
 log = logging.getLogger(__name__)
 
 TOP_K_RECORDED = 10
+UNKNOWN_TARGET = -1  # pid of a dialogue whose target is not known (a person's own search)
 
 
 class DialogueEngine:
@@ -40,7 +41,15 @@ class DialogueEngine:
     def rank(self, dialogues: Sequence[Dialogue]):
         feats = self.encoder.encode_texts([d.query for d in dialogues], self.text_batch_size)
         pids = torch.tensor([d.pid for d in dialogues])
-        ranks = self.gallery.target_ranks(feats, pids).tolist()
+        known = pids != UNKNOWN_TARGET
+        if known.all():
+            ranks = self.gallery.target_ranks(feats, pids).tolist()
+        else:  # a person's own search has no target to rank
+            ranks = torch.full((len(pids),), UNKNOWN_TARGET, dtype=torch.long)
+            if known.any():
+                ranks[known] = self.gallery.target_ranks(feats[known.to(feats.device)],
+                                                         pids[known])
+            ranks = ranks.tolist()
         pools = self.gallery.top_k(feats, max(self.pool_size, TOP_K_RECORDED))
         return feats, ranks, pools
 
