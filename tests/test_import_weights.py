@@ -96,3 +96,167 @@ def test_an_unknown_checkpoint_format_fails_validation(tmp_path):
 @pytest.mark.parametrize("section", ["retriever", "questioner", "selector"])
 def test_checkpoint_keys_default_to_null(section):
     assert small_config()[section]["checkpoint"] is None
+
+
+# -- (a) IRRA's retriever: exact against open_clip's OpenAI-layout CLIP -------------------------
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def open_clip_model():
+    """open_clip's model module, imported without the package's __init__. open_clip.utils
+    imports torchvision (absent here) for one batch-norm class only: a stand-in module serves
+    that import and is removed again at once, so nothing else ever sees it."""
+    import importlib
+    import importlib.util
+    import types
+
+    import transformers  # noqa: F401  (its own torchvision probe must not meet the stand-in)
+    from torch import nn
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.fail("open_clip_torch is not installed (.ci/run installs it with --no-deps)")
+    if "open_clip.model" in sys.modules:
+        return sys.modules["open_clip.model"]
+    stand_ins = {}
+    if importlib.util.find_spec("torchvision") is None:
+        misc = types.ModuleType("torchvision.ops.misc")
+        misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (nn.BatchNorm2d,), {})
+        stand_ins = {"torchvision": types.ModuleType("torchvision"),
+                     "torchvision.ops": types.ModuleType("torchvision.ops"),
+                     "torchvision.ops.misc": misc}
+    package = types.ModuleType("open_clip")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules.update(stand_ins)
+    sys.modules.setdefault("open_clip", package)
+    try:
+        return importlib.import_module("open_clip.model")
+    finally:
+        for name in stand_ins:
+            sys.modules.pop(name, None)
+
+
+def _clip_layout_tokenizer(folder: Path):
+    """A word-level tokenizer in CLIP's id layout: words, then start and end of text last."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|startoftext|>",
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def _tiny_open_clip(oc, context: int, vocab: int, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    model = oc.CLIP(
+        embed_dim=32,
+        vision_cfg=oc.CLIPVisionCfg(layers=2, width=128, head_width=64, patch_size=8,
+                                    image_size=(48, 16)),
+        text_cfg=oc.CLIPTextCfg(context_length=context, vocab_size=vocab, width=128, heads=2,
+                                layers=2),
+        quick_gelu=True,
+    )
+    # Random weights everywhere, layer norms and biases included (init leaves them 1 and 0).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_irra_checkpoint_gives_open_clips_features(tmp_path, open_clip_model):
+    import torch
+    import torch.nn.functional as F
+
+    from llava_reid.retriever.encoder import RetrieverEncoder
+    from tests.conftest import llava_reid
+
+    oc = open_clip_model
+    tokenizer = _clip_layout_tokenizer(tmp_path / "tokenizer")
+    vocab = len(tokenizer)
+    # IRRA stretches CLIP's 77 text positions to its own context (192) by linear interpolation.
+    short = _tiny_open_clip(oc, context=12, vocab=vocab, seed=0)
+    reference = _tiny_open_clip(oc, context=40, vocab=vocab, seed=1)
+    state = short.state_dict()
+    state["positional_embedding"] = F.interpolate(
+        state["positional_embedding"].t()[None], size=40, mode="linear", align_corners=True)[0].t()
+    reference.load_state_dict(state)
+    assert reference.visual.positional_embedding.shape[0] == 6 * 2 + 1  # a 6x2 grid
+
+    checkpoint = {f"base_model.{k}": v for k, v in reference.state_dict().items()}
+    checkpoint["classifier.weight"] = torch.randn(7, 32)
+    checkpoint["classifier.bias"] = torch.randn(7)
+    checkpoint["cross_attn.in_proj_weight"] = torch.randn(96, 32)
+    torch.save({"model": checkpoint}, tmp_path / "checkpoint.pth")
+
+    cfg = {"retriever": {"image_height": 48, "image_width": 16, "temperature": 0.02}}
+    out = tmp_path / "retriever"
+    llava_reid("import-retriever", "--from", "irra", str(tmp_path / "checkpoint.pth"),
+               "--tokenizer", str(tmp_path / "tokenizer"), "--out", str(out), cfg=cfg)
+    settings = yaml.safe_load((out / "retriever.json").read_text())
+    assert (settings["image_height"], settings["image_width"], settings["text_length"]) == (48, 16, 40)
+
+    encoder = RetrieverEncoder.from_pretrained(out, "cpu")
+    torch.manual_seed(2)
+    pixels = torch.randn(3, 3, 48, 16)
+    with torch.inference_mode():
+        ours = encoder.model.encode_image(pixels)
+        theirs = reference.encode_image(pixels)
+    assert ours.shape == theirs.shape == (3, 32)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(encoder.encode_pixels(pixels), F.normalize(theirs, dim=-1),
+                               atol=1e-5, rtol=0)
+
+    texts = [" ".join(WORDS[i:i + n]) for i, n in ((0, 3), (5, 20), (30, 37))]
+    ids, mask = encoder.tokenize(texts)
+    padded = torch.zeros(len(texts), 40, dtype=torch.long)  # open_clip pads with 0 to its context
+    padded[:, : ids.shape[1]] = ids * mask
+    with torch.inference_mode():
+        ours = encoder.model.encode_text(ids, mask)
+        theirs = reference.encode_text(padded)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(encoder.encode_texts(texts), F.normalize(theirs, dim=-1),
+                               atol=1e-5, rtol=0)
+
+    from safetensors.torch import load_file
+    heads = load_file(str(out / "heads.safetensors"))
+    torch.testing.assert_close(heads["classifier.weight"], checkpoint["classifier.weight"])
+
+
+def test_irra_checkpoint_that_does_not_match_names_the_keys(tmp_path, open_clip_model):
+    import torch
+
+    from tests.conftest import llava_reid
+
+    _clip_layout_tokenizer(tmp_path / "tokenizer")
+    model = _tiny_open_clip(open_clip_model, context=16, vocab=62, seed=0)
+    state = {f"base_model.{k}": v for k, v in model.state_dict().items()}
+    del state["base_model.ln_final.weight"]
+    state["base_model.visual.extra_tower.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "bad.pth")
+    cfg = {"retriever": {"image_height": 48, "image_width": 16}}
+    proc = llava_reid("import-retriever", "--from", "irra", str(tmp_path / "bad.pth"),
+                      "--tokenizer", str(tmp_path / "tokenizer"), "--out",
+                      str(tmp_path / "out"), cfg=cfg, check=False)
+    assert proc.returncode != 0
+    assert "visual.extra_tower.weight" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+    # A wrong input size cannot hold the checkpoint's 6x2 grid: named, not guessed.
+    del state["base_model.visual.extra_tower.weight"]
+    state["base_model.ln_final.weight"] = model.ln_final.weight.detach()
+    torch.save(state, tmp_path / "good.pth")
+    proc = llava_reid("import-retriever", "--from", "irra", str(tmp_path / "good.pth"),
+                      "--tokenizer", str(tmp_path / "tokenizer"), "--out",
+                      str(tmp_path / "out"), cfg={"retriever": {"image_height": 64,
+                                                                 "image_width": 16}}, check=False)
+    assert proc.returncode != 0 and "12 vision positions" in proc.stderr

@@ -198,7 +198,7 @@ def load_clip(path: str | Path, dtype: torch.dtype = torch.float32) -> CLIPModel
     clip = CLIPModel(CLIPConfig.from_pretrained(str(path)))
     use_position_grid(clip, grid)
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):
+    for shard in sorted(Path(path).glob("model*.safetensors")):  # save_pretrained's shards
         state.update(load_file(str(shard)))
     if not state:
         raise FileNotFoundError(f"{path}: no .safetensors weights")
