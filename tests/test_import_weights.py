@@ -260,3 +260,126 @@ def test_irra_checkpoint_that_does_not_match_names_the_keys(tmp_path, open_clip_
                       str(tmp_path / "out"), cfg={"retriever": {"image_height": 64,
                                                                  "image_width": 16}}, check=False)
     assert proc.returncode != 0 and "12 vision positions" in proc.stderr
+
+
+# -- (b) the original's questioner adapter: every LoRA delta on its own module ----------------
+
+ORIGINAL_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny LLaVA-OneVision folder (our factory's) and its network."""
+    from llava_reid.questioner.factory import build_tiny_questioner
+
+    folder = tmp_path_factory.mktemp("tiny_base")
+    tiny = dict(small_config()["questioner"]["tiny"], layers=2)
+    net, tokenizer = build_tiny_questioner(tiny, ["a person in a red coat"] * 20, seed=0)
+    net.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, net
+
+
+def _original_adapter(folder: Path, net, rank: int = 4, alpha: int = 8, extra=None):
+    """An adapter as the original saves it: LlavaQwenForCausalLM module names, full-name
+    targets, the projector in full (modules_to_save), adapter_model.bin."""
+    import json
+
+    import torch
+
+    torch.manual_seed(3)
+    state, deltas = {}, {}
+    layers = net.model.language_model.layers
+    for i, layer in enumerate(layers):
+        for target in ORIGINAL_TARGETS:
+            module = layer.get_submodule(target)
+            name = f"model.layers.{i}.{target}"
+            a = torch.randn(rank, module.in_features) * 0.1
+            b = torch.randn(module.out_features, rank) * 0.1
+            state[f"base_model.model.{name}.lora_A.weight"] = a
+            state[f"base_model.model.{name}.lora_B.weight"] = b
+            deltas[f"model.language_model.layers.{i}.{target}"] = (a, b)
+    projector = net.model.multi_modal_projector
+    for index, linear in (("0", projector.linear_1), ("2", projector.linear_2)):
+        state[f"base_model.model.model.mm_projector.{index}.weight"] = torch.randn_like(linear.weight)
+        state[f"base_model.model.model.mm_projector.{index}.bias"] = torch.randn_like(linear.bias)
+    state.update(extra or {})
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / "adapter_model.bin")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+        "lora_dropout": 0.05, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "base_model_name_or_path": "/public/models/llava-onevision-qwen2-7b-ov",
+        "target_modules": sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0]
+                                  for k in state if ".lora_" in k}),
+        "modules_to_save": ["model.mm_projector"],
+    }))
+    return state, deltas
+
+
+def test_original_adapter_lands_every_delta_on_its_module(tmp_path, tiny_base):
+    import torch
+    from peft import PeftModel
+
+    from tests.conftest import llava_reid
+
+    folder, net = tiny_base
+    state, deltas = _original_adapter(tmp_path / "original", net)
+    out = tmp_path / "adapter"
+    llava_reid("import-questioner", "--from", "llava-reid", str(tmp_path / "original"),
+               "--model", str(folder), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
+               cfg={"questioner": {"train_projector": True}})
+    summary = yaml.safe_load((tmp_path / "m.json").read_text())
+    assert summary["lora_modules"] == len(deltas) == 2 * len(ORIGINAL_TARGETS)
+    assert summary["projector"] is True
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+    base = LlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval()
+    adapted = PeftModel.from_pretrained(base, str(out)).eval()
+    scaling = 8 / 4
+    torch.manual_seed(4)
+    for name, (a, b) in deltas.items():
+        module = adapted.base_model.model.get_submodule(name)
+        probe = torch.randn(3, a.shape[1])
+        with torch.no_grad():
+            delta = module(probe) - module.base_layer(probe)
+        torch.testing.assert_close(delta, scaling * probe @ a.t() @ b.t(), atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    # The projector trained in full replaces the base one.
+    projector = adapted.base_model.model.model.multi_modal_projector
+    x = torch.randn(2, projector.linear_1.in_features)
+    w1, b1 = (state[f"base_model.model.model.mm_projector.0.{p}"] for p in ("weight", "bias"))
+    w2, b2 = (state[f"base_model.model.model.mm_projector.2.{p}"] for p in ("weight", "bias"))
+    with torch.no_grad():
+        expected = torch.nn.functional.gelu(x @ w1.t() + b1) @ w2.t() + b2
+        torch.testing.assert_close(projector(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_original_adapter_with_an_unmappable_key_stops_naming_it(tmp_path, tiny_base):
+    import torch
+
+    from tests.conftest import llava_reid
+
+    folder, net = tiny_base
+    cases = {
+        # No counterpart in LLaVA-OneVision at all.
+        "base_model.model.model.vision_resampler.pool.lora_A.weight": torch.zeros(4, 8),
+        # Maps by name, but our base has no such layer.
+        "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+    }
+    for i, (key, value) in enumerate(cases.items()):
+        source = tmp_path / f"original{i}"
+        _original_adapter(source, net, extra={key: value})
+        out = tmp_path / f"adapter{i}"
+        proc = llava_reid("import-questioner", "--from", "llava-reid", str(source), "--model",
+                          str(folder), "--out", str(out),
+                          cfg={"questioner": {"train_projector": True}}, check=False)
+        assert proc.returncode != 0 and key in proc.stderr, proc.stderr[-2000:]
+        assert not out.exists()
+    # A trained projector needs train_projector, or evaluation would use the base projector.
+    _original_adapter(tmp_path / "clean", net)
+    proc = llava_reid("import-questioner", "--from", "llava-reid", str(tmp_path / "clean"),
+                      "--out", str(tmp_path / "adapter"),
+                      cfg={"questioner": {"train_projector": False}}, check=False)
+    assert proc.returncode != 0 and "train_projector" in proc.stderr

@@ -39,8 +39,9 @@ PROJECTOR = "model.multi_modal_projector."
 def run(cfg: dict[str, Any], source: str, path: str, out: str, model: str | None = None,
         metrics: str | None = None) -> None:
     config, state = read_adapter(path)
+    origin = None
     if source == "llava-reid":
-        state = map_state_dict(state, path)
+        state, origin = map_state_dict(state, path)
         config = convert_config(config, state, path, model)
     elif source != "ours":
         raise ValueError(f"import-questioner: unknown format {source!r} (llava-reid or ours)")
@@ -48,7 +49,7 @@ def run(cfg: dict[str, Any], source: str, path: str, out: str, model: str | None
         raise ValueError(f"{path}: the adapter holds no LoRA tensors")
     if model:
         modules, params = base_model_layout(model)
-        check_against_model(state, modules, params, path)
+        check_against_model(state, modules, params, path, origin)
     projector = any(k.startswith(PEFT_PREFIX + PROJECTOR) for k in state)
     qcfg = cfg.get("questioner", {})
     if projector and qcfg.get("train_projector") is False:

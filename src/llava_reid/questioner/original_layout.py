@@ -72,9 +72,11 @@ def map_module(name: str) -> str | None:
     return None
 
 
-def map_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Adapter tensors under our module names; raises naming every key that does not map."""
-    out, unmapped = {}, []
+def map_state_dict(state: dict[str, torch.Tensor], source: str
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(adapter tensors under our module names, our key -> the original's key); raises
+    naming every key that does not map."""
+    out, origin, unmapped = {}, {}, []
     for key, value in state.items():
         if not key.startswith(PEFT_PREFIX):
             unmapped.append(key)
@@ -85,10 +87,11 @@ def map_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, tor
             unmapped.append(key)
         else:
             out[PEFT_PREFIX + mapped] = value
+            origin[PEFT_PREFIX + mapped] = key
     if unmapped:
         raise UnmappableKey(f"{source}: adapter keys with no counterpart in LLaVA-OneVision: "
                             f"{sorted(unmapped)[:20]}")
-    return out
+    return out, origin
 
 
 def map_saved_modules(names: list[str] | None, source: str) -> list[str]:
@@ -112,13 +115,15 @@ def lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def check_against_model(state: dict[str, torch.Tensor], modules: dict[str, nn.Module],
-                        params: dict[str, torch.Tensor], source: str) -> None:
+                        params: dict[str, torch.Tensor], source: str,
+                        origin: dict[str, str] | None = None) -> None:
     """Every tensor must land on an existing module of matching shape: LoRA A/B on a Linear
-    (or an Embedding), saved modules' tensors on a parameter of the same shape."""
+    (or an Embedding), saved modules' tensors on a parameter of the same shape. Errors name
+    the key as the checkpoint spells it (``origin``: our key -> the checkpoint's)."""
     bad = []
-    for key, value in state.items():
-        body = key[len(PEFT_PREFIX):]
-        match = LORA_TENSOR.search(key)
+    for our_key, value in state.items():
+        key, body = (origin or {}).get(our_key, our_key), our_key[len(PEFT_PREFIX):]
+        match = LORA_TENSOR.search(our_key)
         if match:
             name, kind = body[:match.start() - len(PEFT_PREFIX)], match.group(1)
             module = modules.get(name)
@@ -129,7 +134,7 @@ def check_against_model(state: dict[str, torch.Tensor], modules: dict[str, nn.Mo
                 dims = {"lora_embedding_A": (None, module.num_embeddings),
                         "lora_embedding_B": (module.embedding_dim, None)}.get(kind)
             else:
-                bad.append(f"{key} (no Linear/Embedding {name})")
+                bad.append(f"{key} (no Linear/Embedding {name} in the base model)")
                 continue
             shape = tuple(value.shape)
             if dims is None or len(dims) != len(shape) or any(
