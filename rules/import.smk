@@ -70,12 +70,14 @@ if config["selector"].get("checkpoint"):
     ruleorder: import_selector > train_joint
 
     rule import_selector:
-        """The original's selector (or an earlier run's) in place of joint training; the joint
-        adapter is the questioner adapter it was published with."""
+        """The original's selector (or an earlier run's) in place of joint training, with the
+        questioner adapter published beside it (else this run's questioner adapter).
+        """
         input:
             checkpoint=checkpoint_path("selector"),
             adapter=out("questioner/adapter"),
             retriever=out("retriever/model"),
+            model=questioner_model(),
         output:
             adapter=directory(out("joint/adapter")),
             selector=out("joint/selector.safetensors"),
@@ -88,11 +90,15 @@ if config["selector"].get("checkpoint"):
             "../envs/train.yaml"
         params:
             cfg=stage_config(
-                "selector.checkpoint", "selector.heads", "selector.dropout"
+                "selector.checkpoint",
+                "selector.heads",
+                "selector.dropout",
+                "questioner.train_projector",
             ),
             source=checkpoint_format("selector"),
         shell:
             "llava-reid import-selector --config {params.cfg:q} --from {params.source}"
             " {input.checkpoint:q} --adapter {input.adapter} --retriever {input.retriever}"
+            " --model {input.model}"
             " --out {output.selector} --out-adapter {output.adapter}"
             " --metrics {output.metrics} > {log} 2>&1"

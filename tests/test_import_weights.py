@@ -17,17 +17,18 @@ TRAINING_RULES = {"init_retriever", "train_retriever", "prepare_data", "train_qu
                   "warmup_selector", "train_joint"}
 
 
-def _dry_run(work: Path, cfg: dict, *extra: str) -> subprocess.CompletedProcess:
+def _dry_run(work: Path, cfg: dict, *under: Path) -> subprocess.CompletedProcess:
+    """`snakemake --dry-run` with ``cfg`` (on top of the ``under`` config files)."""
     cfg_file = work / "config.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(work), "--cores", "1", "--dry-run", "--configfile", str(cfg_file),
-           *extra]
+           "--directory", str(work), "--cores", "1", "--dry-run", "--configfile",
+           *map(str, under), str(cfg_file)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def _planned_rules(proc: subprocess.CompletedProcess) -> set[str]:
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout, flags=re.M))
 
 
@@ -91,6 +92,26 @@ def test_an_unknown_checkpoint_format_fails_validation(tmp_path):
     proc = _dry_run(tmp_path, cfg)
     assert proc.returncode != 0
     assert "irra" in proc.stdout + proc.stderr
+
+
+def test_released_preset_schedules_no_training_job(tmp_path):
+    """The preset on top of config.yaml, its /path/to placeholders pointed at local stand-ins."""
+    text = (REPO / "workflow/presets/llava-reid-released.yaml").read_text()
+    preset = yaml.safe_load(text.replace("/path/to", str(tmp_path)))
+    files = [preset["data"]["annotations"], preset["retriever"]["checkpoint"]["path"]]
+    folders = [preset["retriever"]["checkpoint"]["tokenizer"], preset["questioner"]["pretrained"],
+               preset["questioner"]["checkpoint"]["path"], preset["selector"]["checkpoint"]["path"]]
+    for folder in folders:
+        Path(folder).mkdir(parents=True)
+    for file in files:
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+        Path(file).write_text("{}")
+    proc = _dry_run(tmp_path, preset, REPO / "config.yaml")
+    rules = _planned_rules(proc)
+    assert {"import_retriever", "import_questioner", "import_selector", "evaluate"} <= rules
+    assert not rules & TRAINING_RULES, rules
+    assert "build_tiny_questioner" not in rules and "synthesize_data" not in rules
+    assert "/results/llava-reid-released/" in proc.stdout or "results/llava-reid-released/" in proc.stdout
 
 
 @pytest.mark.parametrize("section", ["retriever", "questioner", "selector"])
@@ -383,3 +404,201 @@ def test_original_adapter_with_an_unmappable_key_stops_naming_it(tmp_path, tiny_
                       "--out", str(tmp_path / "adapter"),
                       cfg={"questioner": {"train_projector": False}}, check=False)
     assert proc.returncode != 0 and "train_projector" in proc.stderr
+
+
+def test_original_selector_scores_as_ours(tmp_path):
+    """The original's selector.pth -> ours: the same log-probabilities over the valid pool."""
+    import math
+
+    import torch
+    from torch import nn
+
+    from llava_reid.selector.model import Selector
+    from tests.conftest import llava_reid
+
+    class OriginalLayout(nn.Module):
+        """The original's module names and sequence-first layout."""
+
+        def __init__(self, dim=32, heads=4, layers=2, ffn=64):
+            super().__init__()
+            self.modality_embed = nn.Embedding(2, dim)
+            self.encoder = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(dim, heads, ffn, activation="gelu"), layers,
+                enable_nested_tensor=False)
+            self.selector = nn.Linear(dim, 1, bias=False)
+
+        def forward(self, text, images, valid):
+            scale = math.sqrt(text.shape[1])
+            text = text * scale + self.modality_embed.weight[0]
+            images = images * scale + self.modality_embed.weight[1]
+            x = torch.cat([text[:, None], images], dim=1).transpose(0, 1)
+            pad = torch.cat([torch.zeros(len(valid), 1, dtype=torch.bool), ~valid], dim=1)
+            x = self.encoder(x, src_key_padding_mask=pad)[1:].transpose(0, 1)
+            logits = self.selector(x).squeeze(-1).masked_fill(~valid, -1e4)
+            return torch.log_softmax(logits, dim=1)
+
+    torch.manual_seed(5)
+    original = OriginalLayout().eval()
+    torch.save(original.state_dict(), tmp_path / "selector.pth")
+    out = tmp_path / "selector.safetensors"
+    llava_reid("import-selector", "--from", "llava-reid", str(tmp_path), "--out", str(out),
+               cfg={"selector": {"heads": 4, "dropout": 0.1}})
+    ours = Selector.load(out)
+    assert ours.config == {"dim": 32, "layers": 2, "heads": 4, "ffn": 64, "dropout": 0.1,
+                           "retrieval_prior": False}
+    text = nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    pool = nn.functional.normalize(torch.randn(3, 9, 32), dim=-1)
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[1, 6:] = False
+    valid[2, 4:] = False
+    with torch.no_grad():
+        expected, got = original(text, pool, valid), ours(text, pool, valid)
+    torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-4)
+
+    state = original.state_dict()
+    state["sampler.k"] = torch.tensor(3)
+    torch.save(state, tmp_path / "selector.pth")
+    proc = llava_reid("import-selector", "--from", "llava-reid", str(tmp_path / "selector.pth"),
+                      "--out", str(tmp_path / "bad.safetensors"), cfg={}, check=False)
+    assert proc.returncode != 0 and "sampler.k" in proc.stderr
+
+
+# -- (c) import-only run: a trained run's models, exported to the published formats ------------
+
+def export_irra(folder: Path, path: Path) -> None:
+    """Our retriever folder -> an IRRA checkpoint.pth (OpenAI layout under ``base_model.``,
+    wrapped in ``{"model": ...}``), with the position grid at the folder's input size."""
+    import json
+
+    import torch
+
+    from llava_reid.retriever import irra_layout as L
+    from llava_reid.retriever.model import load_clip
+
+    clip = load_clip(folder).eval()
+    settings = json.loads((folder / "retriever.json").read_text())
+    ours = clip.state_dict()
+    single = {v: k for k, v in L.SINGLE.items()}
+    block = {v: k for k, v in L.BLOCK.items()}
+    out = {}
+    for key, value in ours.items():
+        if key in single:
+            out[single[key]] = value
+        elif key in {v: k for k, v in L.TRANSPOSED.items()}:
+            out[{v: k for k, v in L.TRANSPOSED.items()}[key]] = value.t()
+    for theirs, tower in L.TOWERS.items():
+        config = clip.config.vision_config if tower.startswith("vision") else clip.config.text_config
+        for i in range(config.num_hidden_layers):
+            prefix = f"{tower}{i}."
+            for kind in ("weight", "bias"):
+                out[f"{theirs}{i}.attn.in_proj_{kind}"] = torch.cat(
+                    [ours[f"{prefix}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for name, value in ours.items():
+                rest = name[len(prefix):]
+                if name.startswith(prefix) and rest in block:
+                    out[f"{theirs}{i}.{block[rest]}"] = value
+    embeddings = clip.vision_model.embeddings
+    height, width = settings["image_height"], settings["image_width"]
+    patches = (height // embeddings.patch_size) * (width // embeddings.patch_size)
+    with torch.no_grad():
+        out["visual.positional_embedding"] = embeddings.interpolate_pos_encoding(
+            torch.zeros(1, patches + 1, embeddings.embed_dim), height, width)[0]
+    torch.save({"model": {f"base_model.{k}": v.contiguous() for k, v in out.items()}}, path)
+
+
+def export_original_adapter(folder: Path, target: Path) -> None:
+    """Our adapter folder -> the original's layout (LlavaQwenForCausalLM names, full-name
+    targets and modules_to_save, adapter_model.bin)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from llava_reid.questioner import original_layout as L
+
+    inverse = [(new, old) for old, new in L.MODULE_MAP]
+
+    def original(name: str) -> str:
+        dotted = name + "."
+        for new, old in inverse:
+            if dotted.startswith(new):
+                return (old + dotted[len(new):])[:-1]
+        raise AssertionError(f"no original name for {name}")
+
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    exported = {L.PEFT_PREFIX + original(k[len(L.PEFT_PREFIX):]): v for k, v in state.items()}
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = [original(m) for m in L.lora_modules(state)]
+    config["modules_to_save"] = sorted({original(k[len(L.PEFT_PREFIX):].rsplit(".", 1)[0])
+                                        for k in state if not L.LORA_TENSOR.search(k)}) or None
+    config["task_type"] = "CAUSAL_LM"
+    target.mkdir(parents=True, exist_ok=True)
+    torch.save(exported, target / "adapter_model.bin")
+    (target / "adapter_config.json").write_text(json.dumps(config))
+
+
+def export_original_selector(path: Path, target: Path) -> None:
+    import torch
+
+    from llava_reid.selector.model import Selector
+
+    renamed = {"modality.weight": "modality_embed.weight", "head.weight": "selector.weight"}
+    state = Selector.load(path).state_dict()
+    torch.save({renamed.get(k, k): v for k, v in state.items()}, target)
+
+
+def _snakemake(work: Path, cfg: dict, name: str) -> subprocess.CompletedProcess:
+    cfg_file = work / f"{name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(work), "--cores", "2", "--configfile", str(cfg_file)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+METHODS_C = ["initial", "questioner", "selector"]
+
+
+@pytest.mark.workflow
+def test_import_only_run_reproduces_the_trained_runs_metrics(tmp_path):
+    import json
+
+    cfg = small_config()
+    cfg["run"] = "trained"
+    cfg["evaluate"].update(chunks=1, methods=METHODS_C)
+    _snakemake(tmp_path, cfg, "trained")
+    trained = tmp_path / cfg["results"] / "trained"
+
+    published = tmp_path / "published"
+    published.mkdir()
+    export_irra(trained / "retriever/model", published / "checkpoint.pth")
+    export_original_adapter(trained / "questioner/adapter", published / "questioner")
+    # The original's joint checkpoint folder: its adapter and selector.pth side by side.
+    export_original_adapter(trained / "joint/adapter", published / "joint")
+    export_original_selector(trained / "joint/selector.safetensors",
+                             published / "joint" / "selector.pth")
+
+    imported_cfg = json.loads(json.dumps(cfg))
+    imported_cfg["run"] = "imported"
+    imported_cfg["questioner"]["pretrained"] = str(trained / "models/questioner_tiny")
+    imported_cfg["retriever"]["checkpoint"] = {
+        "format": "irra", "path": str(published / "checkpoint.pth"),
+        "tokenizer": str(trained / "retriever/model")}
+    imported_cfg["questioner"]["checkpoint"] = {"format": "llava-reid",
+                                                "path": str(published / "questioner")}
+    imported_cfg["selector"]["checkpoint"] = {"format": "llava-reid",
+                                              "path": str(published / "joint")}
+    proc = _snakemake(tmp_path, imported_cfg, "imported")
+    ran = set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, flags=re.M))
+    assert {"import_retriever", "import_questioner", "import_selector"} <= ran
+    assert not ran & TRAINING_RULES, ran
+    imported = tmp_path / cfg["results"] / "imported"
+
+    def read(run: Path, rel: str):
+        return json.loads((run / rel).read_text())
+
+    assert read(imported, "retriever/metrics.json")["test"] == read(trained, "retriever/metrics.json")["test"]
+    for method in METHODS_C:
+        assert read(imported, f"eval/{method}/metrics.json") == read(
+            trained, f"eval/{method}/metrics.json"), method

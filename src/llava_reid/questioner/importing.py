@@ -36,23 +36,23 @@ log = logging.getLogger(__name__)
 PROJECTOR = "model.multi_modal_projector."
 
 
-def run(cfg: dict[str, Any], source: str, path: str, out: str, model: str | None = None,
-        metrics: str | None = None) -> None:
+def import_adapter(source: str, path: str | Path, out: str | Path, model: str | None = None,
+                   train_projector: bool | None = None) -> dict[str, Any]:
+    """Write our adapter folder ``out`` from a published one; returns what was imported."""
     config, state = read_adapter(path)
     origin = None
     if source == "llava-reid":
-        state, origin = map_state_dict(state, path)
-        config = convert_config(config, state, path, model)
+        state, origin = map_state_dict(state, str(path))
+        config = convert_config(config, state, str(path), model)
     elif source != "ours":
         raise ValueError(f"import-questioner: unknown format {source!r} (llava-reid or ours)")
     if not lora_modules(state):
         raise ValueError(f"{path}: the adapter holds no LoRA tensors")
     if model:
         modules, params = base_model_layout(model)
-        check_against_model(state, modules, params, path, origin)
+        check_against_model(state, modules, params, str(path), origin)
     projector = any(k.startswith(PEFT_PREFIX + PROJECTOR) for k in state)
-    qcfg = cfg.get("questioner", {})
-    if projector and qcfg.get("train_projector") is False:
+    if projector and train_projector is False:
         raise ValueError(f"{path}: the adapter carries a trained projector; set "
                          "questioner.train_projector: true so evaluation's visual tokens use it")
     with atomic_dir(out) as tmp:
@@ -72,5 +72,12 @@ def run(cfg: dict[str, Any], source: str, path: str, out: str, model: str | None
     }
     log.info("imported adapter %s: %d LoRA modules, rank %s, saved modules %s", path,
              summary["lora_modules"], summary["rank"], summary["modules_to_save"])
+    return summary
+
+
+def run(cfg: dict[str, Any], source: str, path: str, out: str, model: str | None = None,
+        metrics: str | None = None) -> None:
+    train_projector = cfg.get("questioner", {}).get("train_projector")
+    summary = import_adapter(source, path, out, model, train_projector)
     if metrics:
         write_json(summary, metrics)

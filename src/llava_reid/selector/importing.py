@@ -7,8 +7,10 @@
   ``selector.heads`` (the original's default 8).
 - ``ours``: an earlier run's selector ``.safetensors``, loaded to validate, then copied.
 
-In the DAG this stands in for joint training: ``--adapter``/``--out-adapter`` copy the
-questioner adapter the selector was published with to ``joint/adapter``.
+In the DAG this stands in for joint training, so it also writes ``joint/adapter``: the
+questioner adapter published beside the selector (the original's joint checkpoint folder holds
+both; an earlier run's ``joint/`` holds ``adapter/`` beside ``selector.safetensors``), else a
+copy of ``--adapter`` (this run's questioner adapter).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_reid.artifacts import atomic_dir, atomic_path, write_json
+from llava_reid.questioner.importing import import_adapter
+from llava_reid.questioner.original_layout import CONFIG_FILE
 from llava_reid.retriever.irra_layout import read_state_dict
 from llava_reid.selector.model import FILE_NAME, Selector
 
@@ -71,8 +75,17 @@ def _retriever_dim(folder: str | Path) -> int:
     return int(config["projection_dim"])
 
 
+def published_adapter(source: str, path: str | Path) -> Path | None:
+    """The questioner adapter published beside the selector, if any."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if source == "ours":
+        folder = folder / "adapter"
+    return folder if (folder / CONFIG_FILE).exists() else None
+
+
 def run(cfg: dict[str, Any], source: str, path: str, out: str, retriever: str | None = None,
-        adapter: str | None = None, out_adapter: str | None = None,
+        adapter: str | None = None, out_adapter: str | None = None, model: str | None = None,
         metrics: str | None = None) -> None:
     scfg = cfg.get("selector", {})
     if source == "llava-reid":
@@ -85,20 +98,24 @@ def run(cfg: dict[str, Any], source: str, path: str, out: str, retriever: str | 
     if retriever and _retriever_dim(retriever) != dim:
         raise ValueError(f"{path}: selector features are {dim}-d, the retriever's "
                          f"{_retriever_dim(retriever)}-d ({retriever})")
-    if bool(adapter) != bool(out_adapter):
-        raise ValueError("import-selector: --adapter and --out-adapter go together")
+    beside = published_adapter(source, path) if out_adapter else None
+    if out_adapter and not (beside or adapter):
+        raise ValueError(f"import-selector: no adapter beside {path} and no --adapter")
     if source == "ours":
         with atomic_path(out, suffix=".safetensors") as tmp:
             src = Path(path)
             shutil.copyfile(src if src.suffix == ".safetensors" else src / FILE_NAME, tmp)
     else:
         selector.save(out, extra={"imported": {"format": source, "path": str(path)}})
-    if adapter:
+    if beside:
+        train_projector = cfg.get("questioner", {}).get("train_projector")
+        import_adapter(source, beside, out_adapter, model, train_projector)
+    elif out_adapter:
         with atomic_dir(out_adapter) as tmp:
             shutil.copytree(adapter, tmp, dirs_exist_ok=True)
     summary = {"imported": {"format": source, "path": str(path)}, "selector": selector.config,
-               "adapter": adapter}
-    log.info("imported selector %s: %s", path, selector.config)
+               "adapter": str(beside or adapter) if out_adapter else None}
+    log.info("imported selector %s: %s; joint adapter from %s", path, selector.config,
+             summary["adapter"])
     if metrics:
         write_json(summary, metrics)
-
