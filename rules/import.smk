@@ -26,6 +26,8 @@ if config["retriever"].get("checkpoint"):
             cfg=stage_config(
                 "retriever.checkpoint",
                 "retriever.pretrained",
+                "retriever.image_height",
+                "retriever.image_width",
                 "retriever.temperature",
                 "retriever.eval_batch_size",
             ),

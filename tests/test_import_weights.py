@@ -277,9 +277,8 @@ def test_irra_checkpoint_that_does_not_match_names_the_keys(tmp_path, open_clip_
     state["base_model.ln_final.weight"] = model.ln_final.weight.detach()
     torch.save(state, tmp_path / "good.pth")
     proc = llava_reid("import-retriever", "--from", "irra", str(tmp_path / "good.pth"),
-                      "--tokenizer", str(tmp_path / "tokenizer"), "--out",
-                      str(tmp_path / "out"), cfg={"retriever": {"image_height": 64,
-                                                                 "image_width": 16}}, check=False)
+                      "--tokenizer", str(tmp_path / "tokenizer"), "--image-size", "64x16",
+                      "--out", str(tmp_path / "out"), cfg={}, check=False)
     assert proc.returncode != 0 and "12 vision positions" in proc.stderr
 
 
@@ -567,6 +566,8 @@ def test_import_only_run_reproduces_the_trained_runs_metrics(tmp_path):
     cfg = small_config()
     cfg["run"] = "trained"
     cfg["evaluate"].update(chunks=1, methods=METHODS_C)
+    # IRRA's format stores no head count (OpenAI's CLIP: width / 64): the tiny CLIP follows it.
+    cfg["retriever"]["tiny"].update(hidden_size=64, heads=1)
     _snakemake(tmp_path, cfg, "trained")
     trained = tmp_path / cfg["results"] / "trained"
 

@@ -215,6 +215,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--out", {"required": True, "help": "retriever model folder"}),
             ("--tokenizer", {"default": None, "help": "CLIP tokenizer folder (irra; default: "
                              "retriever.checkpoint.tokenizer, then retriever.pretrained)"}),
+            ("--image-size", {"default": None, "help": "HxW input it was trained at (irra; "
+                              "default: retriever.image_height/width, else 384x128)"}),
             ("--metrics", {"default": None, "help": "metrics.json (val/test with --annotations)"}),
             ("--annotations", {"default": None, "help": "annotations.parquet to evaluate on"}),
             ("--image-root", {"default": None}),

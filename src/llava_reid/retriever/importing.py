@@ -107,9 +107,17 @@ def copy_ours(path: str, out: str) -> dict[str, Any]:
     return {"settings": json.loads((folder / SETTINGS_FILE).read_text())}
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError as err:
+        raise ValueError(f"--image-size {text!r}: expected HEIGHTxWIDTH, e.g. 384x128") from err
+    return height, width
+
+
 def run(cfg: dict[str, Any], source: str, path: str, out: str, tokenizer: str | None = None,
-        metrics: str | None = None, annotations: str | None = None,
-        image_root: str | None = None) -> None:
+        image_size: str | None = None, metrics: str | None = None,
+        annotations: str | None = None, image_root: str | None = None) -> None:
     rcfg = cfg.get("retriever", {})
     if source == "irra":
         tokenizer = (tokenizer or (rcfg.get("checkpoint") or {}).get("tokenizer")
@@ -117,7 +125,8 @@ def run(cfg: dict[str, Any], source: str, path: str, out: str, tokenizer: str | 
         if not tokenizer:
             raise ValueError("import-retriever --from irra needs the CLIP tokenizer: --tokenizer, "
                              "retriever.checkpoint.tokenizer or retriever.pretrained")
-        size = (rcfg.get("image_height", IRRA_INPUT[0]), rcfg.get("image_width", IRRA_INPUT[1]))
+        size = parse_size(image_size) if image_size else (
+            rcfg.get("image_height", IRRA_INPUT[0]), rcfg.get("image_width", IRRA_INPUT[1]))
         result = convert_irra(path, tokenizer, out, size, rcfg.get("temperature", 0.02))
     elif source == "ours":
         result = copy_ours(path, out)
