@@ -252,6 +252,15 @@ def test_irra_checkpoint_gives_open_clips_features(tmp_path, open_clip_model):
     heads = load_file(str(out / "heads.safetensors"))
     torch.testing.assert_close(heads["classifier.weight"], checkpoint["classifier.weight"])
 
+    # An earlier run's folder (format ours) is validated and copied: the same features.
+    copied = tmp_path / "copied"
+    llava_reid("import-retriever", "--from", "ours", str(out), "--out", str(copied), cfg={})
+    again = RetrieverEncoder.from_pretrained(copied, "cpu")
+    torch.testing.assert_close(again.encode_pixels(pixels), encoder.encode_pixels(pixels))
+    proc = llava_reid("import-retriever", "--from", "ours", str(tmp_path / "tokenizer"),
+                      "--out", str(tmp_path / "not"), cfg={}, check=False)
+    assert proc.returncode != 0 and "not a retriever folder" in proc.stderr
+
 
 def test_irra_checkpoint_that_does_not_match_names_the_keys(tmp_path, open_clip_model):
     import torch
@@ -453,6 +462,28 @@ def test_original_selector_scores_as_ours(tmp_path):
     with torch.no_grad():
         expected, got = original(text, pool, valid), ours(text, pool, valid)
     torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-4)
+
+    # Format ours: an earlier run's joint/ (selector.safetensors with adapter/ beside it).
+    import json
+
+    from safetensors.torch import save_file
+    joint = tmp_path / "joint"
+    (joint / "adapter").mkdir(parents=True)
+    ours.save(joint / "selector.safetensors")
+    save_file({"base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weight":
+               torch.ones(2, 8)}, str(joint / "adapter" / "adapter_model.safetensors"))
+    (joint / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    llava_reid("import-selector", "--from", "ours", str(joint / "selector.safetensors"),
+               "--out", str(tmp_path / "run/selector.safetensors"),
+               "--out-adapter", str(tmp_path / "run/adapter"), cfg={})
+    assert Selector.load(tmp_path / "run/selector.safetensors").config == ours.config
+    assert (tmp_path / "run/adapter/adapter_model.safetensors").read_bytes() == (
+        joint / "adapter" / "adapter_model.safetensors").read_bytes()
+    # Nothing beside it and no --adapter: no joint adapter to write.
+    proc = llava_reid("import-selector", "--from", "llava-reid", str(tmp_path / "selector.pth"),
+                      "--out", str(tmp_path / "x.safetensors"), "--out-adapter",
+                      str(tmp_path / "x"), cfg={"selector": {"heads": 4}}, check=False)
+    assert proc.returncode != 0 and "no adapter beside" in proc.stderr
 
     state = original.state_dict()
     state["sampler.k"] = torch.tensor(3)
