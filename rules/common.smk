@@ -22,6 +22,10 @@ def stage_config(*keys):
             source = source[name]
             target = target.setdefault(name, {})
         target[leaf] = source[leaf]
+        if isinstance(target[leaf], dict) and target[leaf].get("checkpoint", 0) is None:
+            # Unset published weights (rules/import.smk) stay out of whole-section views, so
+            # existing runs' stages do not rerun for the key's arrival.
+            target[leaf] = {k: v for k, v in target[leaf].items() if k != "checkpoint"}
     return json.dumps(view, sort_keys=True)
 
 

@@ -599,6 +599,8 @@ def test_import_only_run_reproduces_the_trained_runs_metrics(tmp_path):
     cfg["evaluate"].update(chunks=1, methods=METHODS_C)
     # IRRA's format stores no head count (OpenAI's CLIP: width / 64): the tiny CLIP follows it.
     cfg["retriever"]["tiny"].update(hidden_size=64, heads=1)
+    # Nor has the original's selector a retrieval prior (its selector.pth cannot hold one).
+    cfg["selector"]["retrieval_prior"] = False
     _snakemake(tmp_path, cfg, "trained")
     trained = tmp_path / cfg["results"] / "trained"
 
