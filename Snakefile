@@ -43,6 +43,7 @@ include: "rules/selector.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 include: "rules/demo.smk"
+include: "rules/import.smk"
 
 
 rule all:

@@ -184,3 +184,19 @@ def demo_inputs(wildcards):
         "simulated": out(f"eval/{method}/dialogues.parquet"),
         **method_models(SimpleNamespace(method=method)),
     }
+
+
+# -- published weights (rules/import.smk) --------------------------------------------------
+
+
+def checkpoint_path(section):
+    """The configured checkpoint's path; it must exist now, or Snakemake would quietly fall
+    back to the training rule."""
+    path = config[section]["checkpoint"]["path"]
+    if not os.path.exists(path):
+        raise WorkflowError(f"{section}.checkpoint.path: {path} does not exist")
+    return path
+
+
+def checkpoint_format(section):
+    return config[section]["checkpoint"]["format"]

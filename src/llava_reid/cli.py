@@ -223,6 +223,51 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--out", {"required": True, "help": "PNG file"}),
         ],
     ),
+    "import-retriever": (
+        "llava_reid.retriever.importing",
+        "run",
+        "Import published retriever weights (IRRA's checkpoint, or an earlier run's model).",
+        [
+            ("--from", {"dest": "source", "required": True, "choices": ["irra", "ours"]}),
+            ("path", {"help": "IRRA checkpoint.pth / .safetensors, or a retriever/model folder"}),
+            ("--out", {"required": True, "help": "retriever model folder"}),
+            ("--tokenizer", {"default": None, "help": "CLIP tokenizer folder (irra; default: "
+                             "retriever.checkpoint.tokenizer, then retriever.pretrained)"}),
+            ("--image-size", {"default": None, "help": "HxW input it was trained at (irra; "
+                              "default: retriever.image_height/width, else 384x128)"}),
+            ("--metrics", {"default": None, "help": "metrics.json (val/test with --annotations)"}),
+            ("--annotations", {"default": None, "help": "annotations.parquet to evaluate on"}),
+            ("--image-root", {"default": None}),
+        ],
+    ),
+    "import-questioner": (
+        "llava_reid.questioner.importing",
+        "run",
+        "Import a published questioner LoRA adapter (the original's, or an earlier run's).",
+        [
+            ("--from", {"dest": "source", "required": True, "choices": ["llava-reid", "ours"]}),
+            ("path", {"help": "adapter folder (adapter_config.json + adapter_model.*)"}),
+            ("--out", {"required": True, "help": "adapter folder"}),
+            ("--model", {"default": None, "help": "base LLaVA-OneVision folder to check against"}),
+            ("--metrics", {"default": None, "help": "metrics.json (what was imported)"}),
+        ],
+    ),
+    "import-selector": (
+        "llava_reid.selector.importing",
+        "run",
+        "Import a published selector (the original's selector.pth, or an earlier run's).",
+        [
+            ("--from", {"dest": "source", "required": True, "choices": ["llava-reid", "ours"]}),
+            ("path", {"help": "selector.pth (or its folder), or a selector .safetensors"}),
+            ("--out", {"required": True, "help": "selector .safetensors"}),
+            ("--retriever", {"default": None, "help": "retriever folder (feature size check)"}),
+            ("--adapter", {"default": None,
+                           "help": "questioner adapter to use when none is published beside it"}),
+            ("--out-adapter", {"default": None, "help": "joint adapter folder to write"}),
+            ("--model", {"default": None, "help": "base LLaVA-OneVision folder to check against"}),
+            ("--metrics", {"default": None}),
+        ],
+    ),
     "demo": (
         "llava_reid.witness.commands",
         "demo",
@@ -306,7 +351,10 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, (_, _, help_text, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         interactive = name in INTERACTIVE
-        p.add_argument("--config", required=not interactive,
+        # Imports run by hand need no config (their settings have defaults).
+        importing = name.startswith("import-")
+        p.add_argument("--config", required=not (interactive or importing),
+                       default="{}" if importing else None,
                        help="inline JSON or a config YAML path" + (
                            " (default: the run's witness/config.yaml, else config.yaml)"
                            if interactive else ""))
