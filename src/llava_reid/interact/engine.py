@@ -50,7 +50,7 @@ class DialogueEngine:
         requests = [
             AnswerRequest(
                 request_id=f"{dialogues[i].query_id}:{round_}",
-                target_id=dialogues[i].query_id,
+                target_id=dialogues[i].image_idx,
                 question=asked[i].question,
                 memory=dialogues[i].memory,
                 annotated_questions=dialogues[i].annotated_questions,

@@ -54,12 +54,14 @@ def load_dialogues(annotations: str, queries: str, ids: list[int]) -> list[Dialo
     rows = read_annotations(annotations).set_index("image_idx")
     out = []
     for qid in ids:
-        rec = rows.loc[qid]
+        target = int(q.loc[qid, "image_idx"])
+        rec = rows.loc[target]
         out.append(Dialogue(
             query_id=int(qid), pid=int(q.loc[qid, "pid"]),
             initial=str(q.loc[qid, "initial_description"]),
             memory=str(rec.fine_grained_description),
             annotated_questions=tuple(rec.questions), annotated_answers=tuple(rec.answers),
+            image_idx=target,
         ))
     return out
 
