@@ -119,13 +119,31 @@ def method_models(wildcards):
     return models
 
 
+def auxiliary_similarity():
+    """The external retriever's scores fused into the ranking ([] when none is configured)."""
+    aux = config["evaluate"].get("auxiliary_similarity") or {}
+    return [aux["path"]] if aux.get("path") else []
+
+
+def auxiliary_keys():
+    return ["evaluate.auxiliary_similarity"] if auxiliary_similarity() else []
+
+
 def evaluate_config(wildcards):
     """An evaluation chunk's view: the questioner's settings only for the methods that run it,
     so tuning the questioner never reruns the initial / random / oracle baselines."""
-    keys = ["features", "dialogue", "answerer"]
+    keys = ["features", "dialogue", "answerer", *auxiliary_keys()]
     if wildcards.method in QUESTIONER_METHODS:
         keys += [*QUESTIONER_INPUT, "evaluate.generation"]
     return stage_config(*keys)
+
+
+def answerer_images():
+    """--image-root for a witness that looks at the target image (answerer.input: image)."""
+    acfg = config["answerer"]
+    if acfg["kind"] == "rendered" or acfg.get("input", "memory") == "image":
+        return f"--image-root {image_root()}"
+    return ""
 
 
 def model_flags(wildcards, input):

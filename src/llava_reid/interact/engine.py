@@ -31,15 +31,20 @@ TOP_K_RECORDED = 10
 
 class DialogueEngine:
     def __init__(self, encoder, gallery: Gallery, asker, answerer, rounds: int, pool_size: int,
-                 text_batch_size: int = 256):
+                 text_batch_size: int = 256, auxiliary=None):
         self.encoder, self.gallery = encoder, gallery
         self.asker, self.answerer = asker, answerer
         self.rounds, self.pool_size = rounds, pool_size
         self.text_batch_size = text_batch_size
+        self.auxiliary = auxiliary  # llava_reid.interact.fusion.AuxiliarySimilarity or None
 
     def rank(self, dialogues: Sequence[Dialogue]):
         feats = self.encoder.encode_texts([d.query for d in dialogues], self.text_batch_size)
         pids = torch.tensor([d.pid for d in dialogues])
+        if self.auxiliary is not None:  # an external retriever's scores fused in
+            ranks, pools = self.auxiliary.rank(self.gallery, feats, [d.query_id for d in dialogues],
+                                               pids, max(self.pool_size, TOP_K_RECORDED))
+            return feats, ranks, pools
         ranks = self.gallery.target_ranks(feats, pids).tolist()
         pools = self.gallery.top_k(feats, max(self.pool_size, TOP_K_RECORDED))
         return feats, ranks, pools

@@ -79,7 +79,26 @@ def load_metrics(paths: list[str]) -> list[dict[str, Any]]:
                 "seconds": data.get("seconds"),
             }
         )
+        if data.get("with_auxiliary"):
+            methods.append(_with_auxiliary(path, methods[-1], data["with_auxiliary"]))
     return methods
+
+
+def _with_auxiliary(path: str, method: dict[str, Any], aux: dict[str, Any]) -> dict[str, Any]:
+    """A method's rounds re-ranked with an external retriever's similarity fused in, shown as
+    one more row/line beside the method itself."""
+    per_round = []
+    for entry in aux.get("per_round") or []:
+        missing = [k for k in ("round", *METRICS) if k not in entry]
+        if missing:
+            raise MetricsError(f"{path}: with_auxiliary per_round entry lacks {missing}")
+        per_round.append({"round": int(entry["round"]), **{k: entry[k] for k in METRICS}})
+    if not per_round:
+        raise MetricsError(f"{path}: with_auxiliary.per_round is empty")
+    per_round.sort(key=lambda e: e["round"])
+    return {**method, "method": f"{method['method']}+auxiliary",
+            "label": f"{method['label']} + auxiliary (w={aux.get('weight')})",
+            "per_round": per_round, "BRI": aux.get("BRI")}
 
 
 def _number(value: Any) -> float:
