@@ -20,6 +20,7 @@ include: "rules/questioner.smk"
 include: "rules/selector.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/import.smk"
 
 
 rule all:

@@ -171,3 +171,19 @@ def report_targets():
         out("report/metrics.html"),
         *expand(out("report/ranked_lists/{method}.png"), method=eval_methods()),
     ]
+
+
+# -- published weights (rules/import.smk) --------------------------------------------------
+
+
+def checkpoint_path(section):
+    """The configured checkpoint's path; it must exist now, or Snakemake would quietly fall
+    back to the training rule."""
+    path = config[section]["checkpoint"]["path"]
+    if not os.path.exists(path):
+        raise WorkflowError(f"{section}.checkpoint.path: {path} does not exist")
+    return path
+
+
+def checkpoint_format(section):
+    return config[section]["checkpoint"]["format"]

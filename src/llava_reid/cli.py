@@ -218,6 +218,47 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--out", {"required": True, "help": "PNG file"}),
         ],
     ),
+    "import-retriever": (
+        "llava_reid.retriever.importing",
+        "run",
+        "Import published retriever weights (IRRA's checkpoint, or an earlier run's model).",
+        [
+            ("--from", {"dest": "source", "required": True, "choices": ["irra", "ours"]}),
+            ("path", {"help": "IRRA checkpoint.pth / .safetensors, or a retriever/model folder"}),
+            ("--out", {"required": True, "help": "retriever model folder"}),
+            ("--tokenizer", {"default": None, "help": "CLIP tokenizer folder (irra; default: "
+                             "retriever.checkpoint.tokenizer, then retriever.pretrained)"}),
+            ("--metrics", {"default": None, "help": "metrics.json (val/test with --annotations)"}),
+            ("--annotations", {"default": None, "help": "annotations.parquet to evaluate on"}),
+            ("--image-root", {"default": None}),
+        ],
+    ),
+    "import-questioner": (
+        "llava_reid.questioner.importing",
+        "run",
+        "Import a published questioner LoRA adapter (the original's, or an earlier run's).",
+        [
+            ("--from", {"dest": "source", "required": True, "choices": ["llava-reid", "ours"]}),
+            ("path", {"help": "adapter folder (adapter_config.json + adapter_model.*)"}),
+            ("--out", {"required": True, "help": "adapter folder"}),
+            ("--model", {"default": None, "help": "base LLaVA-OneVision folder to check against"}),
+            ("--metrics", {"default": None, "help": "metrics.json (what was imported)"}),
+        ],
+    ),
+    "import-selector": (
+        "llava_reid.selector.importing",
+        "run",
+        "Import a published selector (the original's selector.pth, or an earlier run's).",
+        [
+            ("--from", {"dest": "source", "required": True, "choices": ["llava-reid", "ours"]}),
+            ("path", {"help": "selector.pth (or its folder), or a selector .safetensors"}),
+            ("--out", {"required": True, "help": "selector .safetensors"}),
+            ("--retriever", {"default": None, "help": "retriever folder (feature size check)"}),
+            ("--adapter", {"default": None, "help": "questioner adapter published with it"}),
+            ("--out-adapter", {"default": None, "help": "where to copy --adapter (joint/adapter)"}),
+            ("--metrics", {"default": None}),
+        ],
+    ),
 }
 
 
@@ -233,7 +274,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, (_, _, help_text, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", required=True, help="inline JSON or a config YAML path")
+        # Imports run by hand need no config (their settings have defaults).
+        optional = name.startswith("import-")
+        p.add_argument("--config", required=not optional, default="{}" if optional else None,
+                       help="inline JSON or a config YAML path")
         for flag, kwargs in args:
             p.add_argument(flag, **kwargs)
     return parser

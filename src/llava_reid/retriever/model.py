@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +155,55 @@ def _init_head(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+class GridVisionEmbeddings(CLIPVisionEmbeddings):
+    """CLIP vision embeddings whose position embeddings form a ``rows x cols`` grid (e.g. 24x8
+    for 384x128 inputs with patch 16), which transformers' square grid cannot hold. Other
+    input sizes interpolate the grid bicubically, as the square version does."""
+
+    def __init__(self, config, grid: tuple[int, int]):
+        super().__init__(config)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.num_positions = self.num_patches + 1
+        self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
+        self.position_ids = nn.Buffer(torch.arange(self.num_positions).expand((1, -1)),
+                                      persistent=False)
+
+    def interpolate_pos_encoding(self, embeddings, height: int, width: int) -> torch.Tensor:
+        target = (height // self.patch_size, width // self.patch_size)
+        table = self.position_embedding.weight.unsqueeze(0)
+        if target == self.grid:
+            return table
+        grid = table[:, 1:].reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=target, mode="bicubic", align_corners=False)
+        return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+def use_position_grid(clip: CLIPModel, grid: tuple[int, int]) -> None:
+    """Give ``clip`` a non-square position grid (recorded in its config, so a saved folder
+    loads back with it); its position embeddings are then uninitialised."""
+    vision = clip.vision_model
+    old = vision.embeddings
+    new = GridVisionEmbeddings(clip.config.vision_config, grid)
+    new.class_embedding = old.class_embedding
+    new.patch_embedding = old.patch_embedding
+    vision.embeddings = new
+    clip.config.vision_config.position_grid = list(new.grid)
+
+
 def load_clip(path: str | Path, dtype: torch.dtype = torch.float32) -> CLIPModel:
-    return CLIPModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    grid = getattr(CLIPConfig.from_pretrained(str(path)).vision_config, "position_grid", None)
+    if not grid:
+        return CLIPModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    clip = CLIPModel(CLIPConfig.from_pretrained(str(path)))
+    use_position_grid(clip, grid)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    if not state:
+        raise FileNotFoundError(f"{path}: no .safetensors weights")
+    clip.load_state_dict(state, strict=True)
+    return clip.to(dtype)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

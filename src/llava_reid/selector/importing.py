@@ -1,0 +1,104 @@
+"""``import-selector``: a published selector -> this workflow's selector file.
+
+- ``llava-reid``: the original's ``selector.pth`` (a plain state_dict). Its transformer is ours
+  (post-norm encoder layers, GELU, no position embedding, no retrieval prior), so the encoder
+  keys carry over unchanged; ``modality_embed`` -> ``modality`` and ``selector`` -> ``head``.
+  Sizes come from the tensors; the head count, which tensors cannot tell, from
+  ``selector.heads`` (the original's default 8).
+- ``ours``: an earlier run's selector ``.safetensors``, loaded to validate, then copied.
+
+In the DAG this stands in for joint training: ``--adapter``/``--out-adapter`` copy the
+questioner adapter the selector was published with to ``joint/adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llava_reid.artifacts import atomic_dir, atomic_path, write_json
+from llava_reid.retriever.irra_layout import read_state_dict
+from llava_reid.selector.model import FILE_NAME, Selector
+
+log = logging.getLogger(__name__)
+
+ORIGINAL_FILE = "selector.pth"
+RENAMED = {"modality_embed.weight": "modality.weight", "selector.weight": "head.weight"}
+ENCODER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
+
+
+def convert_original(path: str | Path, heads: int, dropout: float) -> Selector:
+    """Our Selector holding the original's weights (raises naming missing/unexpected keys)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ORIGINAL_FILE
+    state = read_state_dict(path)
+    mapped, unexpected = {}, []
+    for key, value in state.items():
+        if key in RENAMED:
+            mapped[RENAMED[key]] = value
+        elif ENCODER_KEY.match(key):
+            mapped[key] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected keys {sorted(unexpected)[:20]}")
+    if "modality.weight" not in mapped or "encoder.layers.0.linear1.weight" not in mapped:
+        raise ValueError(f"{path}: missing keys (modality_embed.weight, encoder.layers.0.*): "
+                         "not a selector state_dict")
+    dim = mapped["modality.weight"].shape[1]
+    layers = len({int(ENCODER_KEY.match(k).group(1)) for k in mapped if ENCODER_KEY.match(k)})
+    ffn = mapped["encoder.layers.0.linear1.weight"].shape[0]
+    selector = Selector(dim, layers=layers, heads=heads, ffn=ffn, dropout=dropout)
+    expected = selector.state_dict()
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing[:20]}")
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in mapped.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: shapes do not match: {wrong[:10]}")
+    selector.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True)
+    return selector.eval()
+
+
+def _retriever_dim(folder: str | Path) -> int:
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return int(config["projection_dim"])
+
+
+def run(cfg: dict[str, Any], source: str, path: str, out: str, retriever: str | None = None,
+        adapter: str | None = None, out_adapter: str | None = None,
+        metrics: str | None = None) -> None:
+    scfg = cfg.get("selector", {})
+    if source == "llava-reid":
+        selector = convert_original(path, scfg.get("heads", 8), scfg.get("dropout", 0.1))
+    elif source == "ours":
+        selector = Selector.load(path)
+    else:
+        raise ValueError(f"import-selector: unknown format {source!r} (llava-reid or ours)")
+    dim = selector.config["dim"]
+    if retriever and _retriever_dim(retriever) != dim:
+        raise ValueError(f"{path}: selector features are {dim}-d, the retriever's "
+                         f"{_retriever_dim(retriever)}-d ({retriever})")
+    if bool(adapter) != bool(out_adapter):
+        raise ValueError("import-selector: --adapter and --out-adapter go together")
+    if source == "ours":
+        with atomic_path(out, suffix=".safetensors") as tmp:
+            src = Path(path)
+            shutil.copyfile(src if src.suffix == ".safetensors" else src / FILE_NAME, tmp)
+    else:
+        selector.save(out, extra={"imported": {"format": source, "path": str(path)}})
+    if adapter:
+        with atomic_dir(out_adapter) as tmp:
+            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+    summary = {"imported": {"format": source, "path": str(path)}, "selector": selector.config,
+               "adapter": adapter}
+    log.info("imported selector %s: %s", path, selector.config)
+    if metrics:
+        write_json(summary, metrics)
+
