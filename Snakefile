@@ -21,6 +21,7 @@ include: "rules/selector.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 include: "rules/import.smk"
+include: "rules/transfer.smk"
 
 
 rule all:

@@ -78,8 +78,8 @@ def projector_adapter(wildcards):
 def all_targets():
     return [
         out("retriever/metrics.json"),
-        *expand(out("features/{split}_gallery.parquet"), split=SPLITS),
-        *expand(out("features/{split}_queries.parquet"), split=SPLITS),
+        *expand(out("features/{split}_gallery.parquet"), split=feature_splits()),
+        *expand(out("features/{split}_queries.parquet"), split=feature_splits()),
         out("questioner/metrics.json"),
         *expand(
             out("eval/{method}/metrics.json"), method=config["evaluate"]["methods"]
