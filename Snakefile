@@ -44,6 +44,7 @@ include: "rules/evaluate.smk"
 include: "rules/report.smk"
 include: "rules/demo.smk"
 include: "rules/import.smk"
+include: "rules/transfer.smk"
 
 
 rule all:

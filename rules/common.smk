@@ -64,8 +64,8 @@ def projector_adapter(wildcards):
 def all_targets():
     return [
         out("retriever/metrics.json"),
-        *expand(out("features/{split}_gallery.parquet"), split=SPLITS),
-        *expand(out("features/{split}_queries.parquet"), split=SPLITS),
+        *expand(out("features/{split}_gallery.parquet"), split=feature_splits()),
+        *expand(out("features/{split}_queries.parquet"), split=feature_splits()),
         out("questioner/metrics.json"),
         *expand(
             out("eval/{method}/metrics.json"), method=config["evaluate"]["methods"]
@@ -103,6 +103,16 @@ def method_models(wildcards):
     return models
 
 
+def auxiliary_similarity():
+    """The external retriever's scores fused into the ranking ([] when none is configured)."""
+    aux = config["evaluate"].get("auxiliary_similarity") or {}
+    return [aux["path"]] if aux.get("path") else []
+
+
+def auxiliary_keys():
+    return ["evaluate.auxiliary_similarity"] if auxiliary_similarity() else []
+
+
 def evaluate_config(wildcards):
     """An evaluation chunk's view: the questioner's settings only for the methods that run it,
     so tuning the questioner never reruns the initial / random / oracle baselines."""
@@ -121,6 +131,14 @@ def sglang_env(wildcards, input):
     if not input.sglang_python:
         return ""
     return f'LLAVA_REID_SGLANG_PYTHON="$(cat {input.sglang_python})" '
+
+
+def answerer_images():
+    """--image-root for a witness that looks at the target image (answerer.input: image)."""
+    acfg = config["answerer"]
+    if acfg["kind"] == "rendered" or acfg.get("input", "memory") == "image":
+        return f"--image-root {image_root()}"
+    return ""
 
 
 def model_flags(wildcards, input):
@@ -200,3 +218,58 @@ def checkpoint_path(section):
 
 def checkpoint_format(section):
     return config[section]["checkpoint"]["format"]
+
+
+# -- transfer (rules/transfer.smk) ---------------------------------------------------------
+
+CAPTION_FORMATS = ("cuhk-pedes", "icfg-pedes", "rstpreid")
+
+
+def transfer_run():
+    return config["data"].get("format", "interactive-pedes") in CAPTION_FORMATS
+
+
+def feature_splits():
+    """The splits whose features a run needs: a transfer run evaluates the test split only."""
+    return ["test"] if transfer_run() else SPLITS
+
+
+def check_transfer_config():
+    """A caption benchmark has no Q/A pairs and no written memory: say so before anything runs."""
+    if not transfer_run():
+        return
+    fmt = config["data"]["format"]
+    methods = config["evaluate"]["methods"]
+    problems = []
+    if config["data"]["source"] != "annotations":
+        problems.append(f"data.source must be 'annotations' (the {fmt} JSON)")
+    annotated = [m for m in methods if m in ("random", "oracle")]
+    if annotated:
+        problems.append(
+            f"evaluate.methods {annotated} ask annotated questions, which {fmt} does not have"
+        )
+    needed = ["retriever"]
+    if {"questioner", "selector"} & set(methods):
+        needed.append("questioner")
+    if "selector" in methods:
+        needed.append("selector")
+    for section in needed:
+        if not config[section].get("checkpoint"):
+            problems.append(
+                f"{section}.checkpoint is not set (a transfer run trains nothing)"
+            )
+    acfg = config["answerer"]
+    if acfg["kind"] != "rendered" and acfg.get("input", "memory") != "image":
+        problems.append(
+            "answerer.input must be 'image' (or answerer.kind 'rendered'): caption "
+            "benchmarks have no written memory, the witness looks at the target image"
+        )
+    if problems:
+        raise WorkflowError(
+            f"data.format {fmt}: "
+            + "; ".join(problems)
+            + " (see workflow/presets/transfer-*)"
+        )
+
+
+check_transfer_config()

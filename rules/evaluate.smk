@@ -31,6 +31,7 @@ rule evaluate:
         gallery=out("features/test_gallery.parquet"),
         queries=out("features/test_queries.parquet"),
         retriever=out("retriever/model"),
+        auxiliary=auxiliary_similarity(),
     output:
         out("eval/{method}/chunks/{i}-of-{n}.parquet"),
     log:
@@ -51,11 +52,13 @@ rule evaluate:
         # Not an output: kept across reruns so answers are never asked twice.
         answers=out("eval/{method}/answers/{i}-of-{n}.parquet"),
         sglang_env=sglang_env,
+        images=answerer_images(),
     shell:
         "{params.sglang_env}llava-reid evaluate --config {params.cfg:q} --method {wildcards.method}"
         " --chunk {wildcards.i} --chunks {wildcards.n} --annotations {input.annotations}"
         " --gallery {input.gallery} --queries {input.queries} --retriever {input.retriever}"
-        " {params.models} --answers-cache {params.answers} --out {output} > {log} 2>&1"
+        " {params.models} {params.images} --answers-cache {params.answers} --out {output}"
+        " > {log} 2>&1"
 
 
 rule merge_eval:
@@ -64,6 +67,7 @@ rule merge_eval:
         chunks=eval_chunks,
         gallery=out("features/test_gallery.parquet"),
         queries=out("features/test_queries.parquet"),
+        auxiliary=auxiliary_similarity(),
     output:
         dialogues=out("eval/{method}/dialogues.parquet"),
         metrics=out("eval/{method}/metrics.json"),

@@ -265,3 +265,66 @@ def test_training_resumes_after_interruption(workflow, tmp_path, stage):
     b = json.loads((resumed / "metrics.json").read_text())["history"]
     assert [h["step"] for h in a] == [h["step"] for h in b]
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], abs=1e-4)
+
+
+def test_transfer_run_on_the_embedded_test_split(workflow):
+    """workflow/presets/transfer-embedded.yaml on the trained run as the earlier run: its test
+    split in RSTPReid's layout (two captions an image), the rendered witness, our retriever's
+    own scores fused in. Nothing trains; every caption is a dialogue; the report shows the
+    dialogue beside the caption-only query, each with and without the auxiliary scores."""
+    from llava_reid.answerer.rendered import question_slot
+    from llava_reid.config import load_yaml
+    from llava_reid.data import attributes as A
+    from llava_reid.data.attributes import Person
+    from tests.test_transfer_dag import TRAINING_RULES, _merged
+
+    work, run, cfg = workflow["work"], workflow["run"], workflow["cfg"]
+    preset = load_yaml((REPO / "workflow/presets/transfer-embedded.yaml").read_text())
+    earlier = f"{cfg['results']}/{cfg['run']}"
+    text = yaml.safe_dump(preset).replace("results/embedded/", f"{earlier}/")
+    tcfg = _merged(cfg, yaml.safe_load(text))
+    tcfg["dialogue"]["rounds"] = 5
+    tcfg["evaluate"]["chunks"] = 1
+    cfg_file = work / "transfer-config.yaml"
+    cfg_file.write_text(yaml.safe_dump(tcfg, sort_keys=False))
+    dry = _snakemake(work, cfg_file, "--dry-run")
+    planned = set(re.findall(r"^(?:local)?rule (\w+):", dry.stdout, flags=re.M))
+    assert "import_retriever" in planned and not planned & TRAINING_RULES, planned
+    _snakemake(work, cfg_file)
+
+    out = work / tcfg["results"] / tcfg["run"]
+    test_images = pd.read_parquet(run / "features/test_gallery.parquet")
+    queries = pd.read_parquet(out / "features/test_queries.parquet")
+    assert len(queries) == 2 * len(test_images)  # two captions an image, each one query
+    assert queries.groupby("image_idx").size().eq(2).all()
+    drawn = json.loads((run / "data/synthetic/images/drawn.json").read_text())
+    paths = pd.read_parquet(out / "data/annotations.parquet").set_index("image_idx").file_path
+    target = queries.set_index("query_id").image_idx
+    dialogues = pd.read_parquet(out / "eval/questioner/dialogues.parquet")
+    asked = dialogues[dialogues["round"] < 5]
+    answered = 0
+    for row in asked.itertuples():  # the witness states what was drawn in the target image
+        slot = question_slot(row.question) if len(row.question.strip()) >= 15 else None
+        if slot is None:
+            assert row.answer == "I don't know."
+        else:
+            person = Person(**drawn[paths[target[row.query_id]]])
+            assert row.answer == A.statement(person, slot)
+            answered += 1
+    assert answered > 0
+
+    metrics = {m: json.loads((out / f"eval/{m}/metrics.json").read_text())
+               for m in ("initial", "questioner")}
+    for m in metrics.values():
+        assert m["queries"] == len(queries) and m["rounds"] == 5
+        assert m["with_auxiliary"]["weight"] == 0.5
+        # The auxiliary scores are the caption's own: round 0 ranks exactly as without them.
+        assert m["with_auxiliary"]["per_round"][0] == m["per_round"][0]
+    assert metrics["questioner"]["per_round"][0] == metrics["initial"]["per_round"][0]
+    table = pd.read_csv(out / "report/metrics.tsv", sep="\t")
+    assert set(table.method) == {"initial", "initial+auxiliary", "questioner",
+                                 "questioner+auxiliary"}
+    first = metrics["initial"]["per_round"][0]["R1"]
+    last = metrics["questioner"]["per_round"][-1]["R1"]
+    print(f"\ntransfer (small run): caption-only R@1 {first}, after 5 rounds {last}; "
+          f"with auxiliary {metrics['questioner']['with_auxiliary']['per_round'][-1]['R1']}")

@@ -49,7 +49,8 @@ SCHEMAS: dict[str, list[tuple[str, Any]]] = {
         ("feat", EMBEDDING),
     ],
     "query_features": [
-        ("query_id", pa.int32()),  # image_idx of the image the description was written for
+        ("query_id", pa.int32()),  # image_idx, or the caption's number (caption benchmarks)
+        ("image_idx", pa.int32()),  # the target image the description was written for
         ("pid", pa.int64()),
         ("initial_description", pa.string()),
         ("initial_feat", EMBEDDING),

@@ -173,6 +173,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--visual-tokens", {"default": None, "help": "test split visual-token cache"}),
             ("--selector", {"default": None, "help": "selector .safetensors"}),
             ("--answers-cache", {"required": True, "help": "Parquet answer cache"}),
+            ("--image-root", {"default": None,
+                              "help": "folder of the target images (an answerer that sees them)"}),
             ("--out", {"required": True, "help": "eval/{method}/chunks/{i}-of-{n}.parquet"}),
         ],
     ),
@@ -187,6 +189,17 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--queries", {"required": True}),
             ("--out", {"required": True, "help": "eval/{method}/dialogues.parquet"}),
             ("--metrics", {"required": True, "help": "eval/{method}/metrics.json"}),
+        ],
+    ),
+    "export-similarity": (
+        "llava_reid.interact.fusion",
+        "export",
+        "Our retriever's score of every query against every gallery image (auxiliary-similarity "
+        "Parquet: query_id, image_idx, score).",
+        [
+            ("--gallery", {"required": True, "help": "features/test_gallery.parquet"}),
+            ("--queries", {"required": True, "help": "features/test_queries.parquet"}),
+            ("--out", {"required": True, "help": "Parquet file"}),
         ],
     ),
     "plots": (

@@ -38,14 +38,16 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "warmup-selector": ("selector", "dialogue.pool_size", "dialogue.num_candidates"),
     "train-joint": (*QUESTIONER_TRAINING, "joint", "dialogue.pool_size",
                     "dialogue.num_candidates", "features.batch_size"),
-    "evaluate": ("answerer", "dialogue.rounds", "dialogue.pool_size", "features.batch_size"),
+    "evaluate": ("answerer", "dialogue.rounds", "dialogue.pool_size", "features.batch_size",
+                 "evaluate.auxiliary_similarity"),
     "import-retriever": ("retriever.checkpoint", "retriever.pretrained", "retriever.image_height",
                          "retriever.image_width", "retriever.temperature",
                          "retriever.eval_batch_size"),
     "import-questioner": ("questioner.checkpoint", "questioner.train_projector"),
     "import-selector": ("selector.checkpoint", "selector.heads", "selector.dropout",
                         "questioner.train_projector"),
-    "merge-eval": (),
+    "merge-eval": ("evaluate.auxiliary_similarity",),
+    "export-similarity": (),
     "plots": ("report",),
     "ranked-lists": ("report",),
     "training-curves": (),
@@ -66,13 +68,18 @@ def stage_keys(stage: str, method: str | None = None) -> tuple[str, ...]:
 
 
 def cut_view(config: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    """The sub-config holding exactly ``keys`` (top-level sections or dotted sub-keys)."""
+    """The sub-config holding exactly ``keys`` (top-level sections or dotted sub-keys); an
+    optional key the config does not set is left out."""
     view: dict[str, Any] = {}
     for key in keys:
         *parents, leaf = key.split(".")
-        source, target = config, view
+        source = config
         for name in parents:
-            source = source[name]
+            source = source.get(name) or {}
+        if leaf not in source:
+            continue
+        target = view
+        for name in parents:
             target = target.setdefault(name, {})
         target[leaf] = source[leaf]
     return view

@@ -5,6 +5,10 @@
 - ``annotated`` (default, no LLM): the annotated answer of the most similar annotated question;
 - ``openai``: any OpenAI-compatible chat-completions server (SGLang, vLLM, transformers serve);
 - ``sglang``: the same client, with the SGLang server started (and stopped) by this process;
+- ``rendered`` (synthetic data only, no model): what the renderer drew in the target image;
+
+``openai`` and ``sglang`` answer from the written memory, or, with ``answerer.input: image``,
+from the target image sent to a vision-language model (``images`` maps target ids to files);
 
 wrapped in a persistent ``CachedAnswerer`` when ``cache_path`` is given. All share the
 ``Answerer`` protocol: ``answer(requests) -> answers`` in request order, and ``close()``.
@@ -32,17 +36,31 @@ __all__ = [
     "build_answerer",
 ]
 
-KINDS = ("annotated", "openai", "sglang")
+KINDS = ("annotated", "openai", "sglang", "rendered")
 
 
-def build_answerer(acfg: dict[str, Any], cache_path: str | None = None, seed: int = 0) -> Answerer:
+def looks_at_image(acfg: dict[str, Any]) -> bool:
+    """Whether the configured answerer answers from the target image (needs the images)."""
+    return acfg.get("kind") == "rendered" or acfg.get("input", "memory") == "image"
+
+
+def build_answerer(acfg: dict[str, Any], cache_path: str | None = None, seed: int = 0,
+                   images: Any = None) -> Answerer:
     """The answerer described by the config section ``answerer`` (see the workflow schema).
 
-    Heavy imports (torch, transformers) happen only for the kind that needs them.
+    ``images`` (a ``visual.TargetImages``) is needed when the answerer looks at the target
+    image. Heavy imports (torch, transformers) happen only for the kind that needs them.
     """
     kind = acfg.get("kind", "annotated")
     min_chars = int(acfg.get("idk_min_question_chars", 15))
     ocfg = dict(acfg.get("openai") or {})
+    visual = looks_at_image(acfg)
+    if visual and images is None:
+        raise ValueError(f"answerer kind {kind!r} with input 'image' answers from the target "
+                         f"image, but no image root was given (evaluate --image-root)")
+    if visual and kind == "annotated":
+        raise ValueError("answerer.kind 'annotated' answers from the annotations; with "
+                         "answerer.input 'image' use kind openai, sglang or rendered")
     inner: Answerer
     if kind == "annotated":
         from llava_reid.answerer.annotated import DEFAULT_THRESHOLD, AnnotatedAnswerer
@@ -52,11 +70,18 @@ def build_answerer(acfg: dict[str, Any], cache_path: str | None = None, seed: in
         inner = AnnotatedAnswerer(ann.get("encoder"),
                                   threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                                   idk_min_question_chars=min_chars)
+    elif kind == "rendered":
+        from llava_reid.answerer.rendered import RenderedAnswerer
+
+        inner = RenderedAnswerer(images, idk_min_question_chars=min_chars)
     elif kind == "openai":
         from llava_reid.answerer.openai_compat import DEFAULT_API_KEY_ENV, OpenAIAnswerer
+        from llava_reid.answerer.visual import VisualOpenAIAnswerer
 
-        inner = OpenAIAnswerer(
-            ocfg.get("base_url"), ocfg.get("model"),
+        client, extra = (VisualOpenAIAnswerer, {"images": images}) if visual else (
+            OpenAIAnswerer, {})
+        inner = client(
+            ocfg.get("base_url"), ocfg.get("model"), **extra,
             api_key_env=ocfg.get("api_key_env") or DEFAULT_API_KEY_ENV,
             max_concurrency=ocfg.get("max_concurrency", 32), timeout_s=ocfg.get("timeout_s", 60),
             max_retries=ocfg.get("max_retries", 4), temperature=ocfg.get("temperature", 0.0),
@@ -67,7 +92,7 @@ def build_answerer(acfg: dict[str, Any], cache_path: str | None = None, seed: in
 
         log_path = Path(cache_path).with_suffix(".sglang-server.log") if cache_path else None
         inner = SGLangAnswerer(acfg.get("sglang") or {}, ocfg, idk_min_question_chars=min_chars,
-                               seed=seed, log_path=log_path)
+                               seed=seed, log_path=log_path, images=images if visual else None)
     else:
         raise ValueError(f"unknown answerer.kind {kind!r}; expected one of {KINDS}")
     if cache_path is None:

@@ -125,10 +125,14 @@ class OpenAIAnswerer:
 
     # -- one request -------------------------------------------------------------------------
 
+    def _messages(self, req: AnswerRequest) -> list[dict]:
+        """The chat messages of one question (the visual answerer sends the image instead)."""
+        return build_messages(req.question, req.memory)
+
     def _body(self, req: AnswerRequest) -> bytes:
         body = {
             "model": self.model,
-            "messages": build_messages(req.question, req.memory),
+            "messages": self._messages(req),
             "temperature": self.temperature,
             "top_p": self.top_p,
             "max_tokens": self.max_tokens,

@@ -241,6 +241,7 @@ class SGLangAnswerer:
         seed: int = 0,
         log_path: str | Path | None = None,
         launcher: Sequence[str] | None = None,
+        images=None,
     ):
         model_path = scfg.get("model_path")
         model = ocfg.get("model") or model_path
@@ -260,8 +261,15 @@ class SGLangAnswerer:
                 log_path=log_path, launcher=launcher)
             self.server.start()
             base_url = self.server.base_url
-        self.client = OpenAIAnswerer(
-            base_url, model,
+        # An image model (LLaVA-OneVision, Qwen2-VL) is sent the target image instead of
+        # the memory; SGLang serves both through the same chat-completions endpoint.
+        client, extra, kind = OpenAIAnswerer, {}, "sglang"
+        if images is not None:
+            from llava_reid.answerer.visual import VisualOpenAIAnswerer
+
+            client, extra, kind = VisualOpenAIAnswerer, {"images": images}, "sglang-visual"
+        self.client = client(
+            base_url, model, **extra,
             api_key=self.server.api_key if self.server else configured_key,
             api_key_env=key_env,
             max_concurrency=ocfg.get("max_concurrency", 32),
@@ -269,7 +277,7 @@ class SGLangAnswerer:
             temperature=ocfg.get("temperature", 0.0), top_p=ocfg.get("top_p", 1.0),
             max_tokens=ocfg.get("max_tokens", 48),
             idk_min_question_chars=idk_min_question_chars, seed=seed,
-            name=f"sglang:{_model_label(model)}")
+            name=f"{kind}:{_model_label(model)}")
         self.name = self.client.name
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[str]:

@@ -166,10 +166,19 @@ def read_annotations(parquet_path: str | os.PathLike, split: str | None = None) 
 
 
 def run(cfg: dict[str, Any], annotations: str, image_root: str, out: str) -> None:
-    table = load_annotations(annotations, image_root)
+    fmt = (cfg.get("data") or {}).get("format") or "interactive-pedes"
+    extra = {"source": str(annotations)}
+    if fmt == "interactive-pedes":
+        table = load_annotations(annotations, image_root)
+    else:  # a caption benchmark (transfer): one query per caption
+        from llava_reid.data.caption_datasets import QUERY_SOURCE, load_caption_dataset
+
+        table = load_caption_dataset(annotations, image_root, fmt)
+        extra |= {"format": fmt, "queries": QUERY_SOURCE}
     write_table(table, out, "annotations", config_hash=config_hash(cfg.get("data")),
-                producer="load-annotations", extra_metadata={"source": str(annotations)})
+                producer="load-annotations", extra_metadata=extra)
     for split in SPLITS:
         part = table[table.split == split]
-        log.info("%s: %d images, %d identities, %.1f Q/A per image", split, len(part),
-                 part.pid.nunique(), part.questions.map(len).mean())
+        log.info("%s: %d images, %d identities, %.1f Q/A and %.1f captions per image", split,
+                 len(part), part.pid.nunique(), part.questions.map(len).mean(),
+                 part.captions.map(len).mean())

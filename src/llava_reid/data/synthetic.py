@@ -6,6 +6,10 @@ mirror and sensor noise change, the clothes do not. Records carry a short initia
 (the gender and a few garment facts, ``data.synthetic.initial_facts``), a full fine-grained
 description and question/answer pairs about what the initial description left out.
 
+Beside the images the stage also writes ``drawn.json`` (what it drew in each image, for the
+rendered answerer) and ``data_captions.json`` (the test split in RSTPReid's layout, for the
+embedded transfer check).
+
 Everything derives from the config's seed (numpy generators keyed by seed, split, identity
 and camera), so the same config gives byte-identical annotations and images.
 """
@@ -16,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +272,29 @@ def render_job(person: Person, keys: tuple[int, ...], height: int, width: int) -
     return render(person, sample_camera(rng), height, width, rng)
 
 
+def transfer_captions(record: dict[str, Any], person: Person, fact_sets, seed: int,
+                      keys: tuple[int, ...]) -> list[str]:
+    """Two captions of a test image for the caption-benchmark copy: its initial description
+    and a second, equally vague one (own random stream: the annotations stay as they are)."""
+    rng = _rng(seed, 4, *keys[2:])
+    facts = fact_sets[int(rng.integers(len(fact_sets)))]
+    return [record["initial_description"], A.initial_description(person, facts, rng)]
+
+
+def write_transfer_files(images: Path, records, jobs, scfg: dict[str, Any], seed: int) -> None:
+    """Beside the images: ``drawn.json`` (what the renderer drew in each image, for the
+    rendered answerer) and ``data_captions.json``, the test split in RSTPReid's layout
+    (``img_path`` relative to this folder), so a transfer run can evaluate on it."""
+    drawn = {str(Path(rel).relative_to("images")): asdict(person) for rel, person, _ in jobs}
+    (images / "drawn.json").write_text(json.dumps(drawn, indent=0) + "\n")
+    fact_sets = [A.check_fact_set(f) for f in scfg.get("initial_facts", A.INITIAL_FACTS)]
+    rstp = [{"id": rec["id"], "img_path": str(Path(rel).relative_to("images")),
+             "captions": transfer_captions(rec, person, fact_sets, seed, keys), "split": "test"}
+            for rec, (rel, person, keys) in zip(records, jobs, strict=True)
+            if rec["split"] == "test"]
+    (images / "data_captions.json").write_text(json.dumps(rstp, indent=1) + "\n")
+
+
 def run(cfg: dict[str, Any], out_dir: str) -> None:
     scfg = cfg["data"]["synthetic"]
     out = Path(out_dir)
@@ -279,6 +306,7 @@ def run(cfg: dict[str, Any], out_dir: str) -> None:
         for rel, person, keys in jobs:
             img = render_job(person, keys, scfg["image_height"], scfg["image_width"])
             img.save(tmp / Path(rel).relative_to("images"), format="PNG", optimize=False)
+        write_transfer_files(tmp, records, jobs, scfg, cfg["seed"])
     with atomic_path(out / "annotations.json") as tmp:
         tmp.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     log.info("%d identities, %d images in %.1fs -> %s",

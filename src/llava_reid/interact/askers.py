@@ -27,7 +27,8 @@ from llava_reid.training import derived_seed
 
 @dataclass
 class Dialogue:
-    """One query's dialogue state (the target is the query's own image)."""
+    """One query's dialogue state; the target is ``image_idx`` (None: the query's own image,
+    query id = image_idx)."""
 
     query_id: int
     pid: int
@@ -39,9 +40,12 @@ class Dialogue:
     questions: list[str] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     asked: set[int] = field(default_factory=set)  # annotated Q/A used (random, oracle)
+    image_idx: int | None = None
 
     def __post_init__(self):
         self.query = self.query or self.initial
+        if self.image_idx is None:
+            self.image_idx = self.query_id
 
 
 @dataclass

@@ -32,15 +32,20 @@ UNKNOWN_TARGET = -1  # pid of a dialogue whose target is not known (a person's o
 
 class DialogueEngine:
     def __init__(self, encoder, gallery: Gallery, asker, answerer, rounds: int, pool_size: int,
-                 text_batch_size: int = 256):
+                 text_batch_size: int = 256, auxiliary=None):
         self.encoder, self.gallery = encoder, gallery
         self.asker, self.answerer = asker, answerer
         self.rounds, self.pool_size = rounds, pool_size
         self.text_batch_size = text_batch_size
+        self.auxiliary = auxiliary  # llava_reid.interact.fusion.AuxiliarySimilarity or None
 
     def rank(self, dialogues: Sequence[Dialogue]):
         feats = self.encoder.encode_texts([d.query for d in dialogues], self.text_batch_size)
         pids = torch.tensor([d.pid for d in dialogues])
+        if self.auxiliary is not None:  # an external retriever's scores fused in
+            ranks, pools = self.auxiliary.rank(self.gallery, feats, [d.query_id for d in dialogues],
+                                               pids, max(self.pool_size, TOP_K_RECORDED))
+            return feats, ranks, pools
         known = pids != UNKNOWN_TARGET
         if known.all():
             ranks = self.gallery.target_ranks(feats, pids).tolist()
@@ -59,7 +64,7 @@ class DialogueEngine:
         requests = [
             AnswerRequest(
                 request_id=f"{dialogues[i].query_id}:{round_}",
-                target_id=dialogues[i].query_id,
+                target_id=dialogues[i].image_idx,
                 question=asked[i].question,
                 memory=dialogues[i].memory,
                 annotated_questions=dialogues[i].annotated_questions,

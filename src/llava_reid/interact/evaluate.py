@@ -31,6 +31,7 @@ from llava_reid.interact.askers import (
     RandomAnnotated,
 )
 from llava_reid.interact.engine import DialogueEngine, advance
+from llava_reid.interact.fusion import from_config as auxiliary_similarity
 from llava_reid.interact.gallery import Gallery
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.runtime import config_hash, seed_everything
@@ -54,12 +55,14 @@ def load_dialogues(annotations: str, queries: str, ids: list[int]) -> list[Dialo
     rows = read_annotations(annotations).set_index("image_idx")
     out = []
     for qid in ids:
-        rec = rows.loc[qid]
+        target = int(q.loc[qid, "image_idx"])
+        rec = rows.loc[target]
         out.append(Dialogue(
             query_id=int(qid), pid=int(q.loc[qid, "pid"]),
             initial=str(q.loc[qid, "initial_description"]),
             memory=str(rec.fine_grained_description),
             annotated_questions=tuple(rec.questions), annotated_answers=tuple(rec.answers),
+            image_idx=target,
         ))
     return out
 
@@ -126,7 +129,8 @@ def rows_table(rows: list[dict[str, Any]], dim: int) -> pa.Table:
 def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: str,
         gallery: str, queries: str, retriever: str, out: str, answers_cache: str,
         questioner: str | None = None, adapter: str | None = None,
-        visual_tokens: str | None = None, selector: str | None = None) -> None:
+        visual_tokens: str | None = None, selector: str | None = None,
+        image_root: str | None = None) -> None:
     started = time.time()
     seed_everything(cfg["seed"])
     dcfg = cfg["dialogue"]
@@ -137,6 +141,7 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
     all_ids = read_table(queries, "query_features", columns=["query_id"]).column(
         "query_id").to_pylist()
     ids = chunk_ids(all_ids, chunk, chunks)
+    auxiliary = auxiliary_similarity(cfg, all_ids, index)  # checked before any server starts
     dialogues = load_dialogues(annotations, queries, ids)
     meta = {"method": method, "chunk": f"{chunk}-of-{chunks}", "queries": len(ids)}
 
@@ -153,13 +158,16 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
         log.info("resuming %s chunk %d/%d after round %d", method, chunk, chunks, start - 1)
 
     from llava_reid.answerer import build_answerer
+    from llava_reid.answerer.visual import TargetImages
 
-    answerer = build_answerer(cfg["answerer"], answers_cache, seed=cfg["seed"])
+    # A witness that looks at the target image (transfer) gets the image files.
+    images = TargetImages(annotations, image_root) if image_root else None
+    answerer = build_answerer(cfg["answerer"], answers_cache, seed=cfg["seed"], images=images)
     asker = build_asker(method, cfg, encoder, index, {
         "questioner": questioner, "adapter": adapter, "visual_tokens": visual_tokens,
         "selector": selector})
     engine = DialogueEngine(encoder, index, asker, answerer, dcfg["rounds"], dcfg["pool_size"],
-                            cfg["features"]["batch_size"])
+                            cfg["features"]["batch_size"], auxiliary=auxiliary)
     rows = done.to_dict("records")
 
     def checkpoint(round_: int, new_rows: list[dict[str, Any]]) -> None:

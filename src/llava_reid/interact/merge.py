@@ -23,6 +23,7 @@ from llava_reid.artifacts import (
     write_json,
     write_table,
 )
+from llava_reid.interact import fusion
 from llava_reid.interact.gallery import Gallery
 from llava_reid.metrics import bri, rank_metrics
 from llava_reid.runtime import config_hash
@@ -85,7 +86,12 @@ def run(cfg: dict[str, Any], method: str, chunks: list[str], gallery: str, queri
         raise ArtifactError(
             f"{gallery}: gallery embeddings have size {index.feats.shape[1]} but the chunks' "
             f"query embeddings {dim} ({chunks[0]}, ...): they come from different retrievers")
-    per_round, score = round_metrics(table, index)
+    auxiliary = fusion.from_config(cfg, expected, index)
+    if auxiliary is None:
+        per_round, score = round_metrics(table, index)
+    else:  # the same dialogues ranked without and with the external scores, side by side
+        per_round, score = fusion.round_metrics(table, index, None)
+        fused, fused_score = fusion.round_metrics(table, index, auxiliary)
     metas = [read_metadata(c) for c in chunks]
     label = next((m["label"] for m in metas if m.get("label")), method)
     result = {
@@ -98,6 +104,9 @@ def run(cfg: dict[str, Any], method: str, chunks: list[str], gallery: str, queri
         "seconds": round(sum(float(m.get("seconds", 0)) for m in metas), 1),
         "chunks": len(chunks),
     }
+    if auxiliary is not None:
+        result["with_auxiliary"] = {"path": str(auxiliary.path), "weight": auxiliary.weight,
+                                    "per_round": fused, "BRI": round(fused_score, 4)}
     tag = config_hash({"method": method, "chunks": [m.get("config_hash") for m in metas]})
     write_table(table, out, "dialogues", config_hash=tag, producer="merge-eval",
                 extra_metadata={"method": method, "label": label})

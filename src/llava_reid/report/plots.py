@@ -88,6 +88,8 @@ def load_metrics(paths: list[str]) -> list[dict[str, Any]]:
                 "seconds": data.get("seconds"),
             }
         )
+        if data.get("with_auxiliary"):
+            methods.append(_with_auxiliary(path, methods[-1], data["with_auxiliary"]))
     return methods
 
 
@@ -138,6 +140,25 @@ def paired_differences(methods: list[dict[str, Any]], ranks: list[bootstrap.Rank
             rows.append({"method": b["label"], "baseline": a["label"], "round": r,
                          "diff": diff, "low": lo, "high": hi})
     return rows
+
+
+def _with_auxiliary(path: str, method: dict[str, Any], aux: dict[str, Any]) -> dict[str, Any]:
+    """A method's rounds re-ranked with an external retriever's similarity fused in, shown as
+    one more row/line beside the method itself."""
+    per_round = []
+    for entry in aux.get("per_round") or []:
+        missing = [k for k in ("round", *METRICS) if k not in entry]
+        if missing:
+            raise MetricsError(f"{path}: with_auxiliary per_round entry lacks {missing}")
+        per_round.append({"round": int(entry["round"]), **{k: entry[k] for k in METRICS}})
+    if not per_round:
+        raise MetricsError(f"{path}: with_auxiliary.per_round is empty")
+    per_round.sort(key=lambda e: e["round"])
+    return {**method, "method": f"{method['method']}+auxiliary",
+            "label": f"{method['label']} + auxiliary (w={aux.get('weight')})",
+            "per_round": per_round, "BRI": aux.get("BRI"), "auxiliary": True}
+
+
 
 
 def _number(value: Any) -> float:
@@ -194,7 +215,7 @@ def plot_recall(methods: list[dict[str, Any]], path: Path) -> None:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(True, alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
-        with_ci = all("ci" in e for m in methods for e in m["per_round"])
+        with_ci = any("ci" in e for m in methods for e in m["per_round"])
         fig.suptitle("Target retrieved in the top k after each round of dialogue"
                      + (f" (bars: {bootstrap.CONFIDENCE:.0%} bootstrap interval over queries)"
                         if with_ci else ""))
@@ -391,8 +412,11 @@ def run(cfg: dict[str, Any], metrics: list[str], dialogues: list[str], out_dir: 
     intervals come from ``dialogues`` (one per metrics file, same order), seeded by
     ``cfg["seed"]``."""
     methods = load_metrics(list(metrics))
-    ranks, idx = attach_intervals(methods, list(dialogues), int(cfg["seed"]))
-    differences = paired_differences(methods, ranks, idx)
+    # Intervals and paired differences for the dialogues as they ran; the fused "+auxiliary"
+    # rows have no dialogues file of their own.
+    own = [m for m in methods if not m.get("auxiliary")]
+    ranks, idx = attach_intervals(own, list(dialogues), int(cfg["seed"]))
+    differences = paired_differences(own, ranks, idx)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_recall(methods, out / "recall_vs_round.png")
@@ -401,7 +425,7 @@ def run(cfg: dict[str, Any], metrics: list[str], dialogues: list[str], out_dir: 
     write_html(methods, out / "metrics.html", differences)
     for m in methods:
         first, last = m["per_round"][0], m["per_round"][-1]
-        lo, hi = last["ci"]["R1"]
+        lo, hi = last.get("ci", {}).get("R1", (float("nan"), float("nan")))
         log.info("%s: R@1 %.1f -> %.1f [%.1f, %.1f] after round %d, BRI %s", m["label"],
                  _number(first["R1"]), _number(last["R1"]), lo, hi, last["round"], m["BRI"])
     for d in differences:

@@ -2,7 +2,8 @@
 
 ``features/{split}_gallery.parquet``: image_idx, pid, file_path, feat (L2-normalised).
 ``features/{split}_queries.parquet``: one query per image (its initial description, the
-witness's first words) with the initial- and fine-grained-description features.
+witness's first words) or, for the caption benchmarks, one per caption (llava_reid.data.queries),
+with its target image and the initial- and fine-grained-description features.
 Downstream stages rank against these features and never re-encode gallery images.
 """
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 
 from llava_reid.artifacts import ArtifactError, write_table
 from llava_reid.data.annotations import read_annotations
+from llava_reid.data.queries import query_source, split_queries
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.runtime import config_hash
 
@@ -44,8 +46,9 @@ def run(
     bs = cfg["features"]["batch_size"]
     root = Path(image_root)
     gallery = encoder.encode_images([root / p for p in rows.file_path], bs).cpu().numpy()
-    initial = encoder.encode_texts(list(rows.initial_description), bs).cpu().numpy()
-    fine = encoder.encode_texts(list(rows.fine_grained_description), bs).cpu().numpy()
+    queries = split_queries(rows, query_source(annotations))
+    initial = encoder.encode_texts(list(queries.initial_description), bs).cpu().numpy()
+    fine = encoder.encode_texts(list(queries.fine_grained_description), bs).cpu().numpy()
 
     tag = config_hash({"features": cfg["features"], "model": str(model)})
     meta = {"model": str(model), "split": split, "embed_dim": int(gallery.shape[1])}
@@ -61,14 +64,15 @@ def run(
     )
     write_table(
         pa.table({
-            "query_id": pa.array(rows.image_idx.to_numpy(), pa.int32()),
-            "pid": pa.array(rows.pid.to_numpy(), pa.int64()),
-            "initial_description": pa.array(list(rows.initial_description), pa.string()),
+            "query_id": pa.array(queries.query_id.to_numpy(), pa.int32()),
+            "image_idx": pa.array(queries.image_idx.to_numpy(), pa.int32()),
+            "pid": pa.array(queries.pid.to_numpy(), pa.int64()),
+            "initial_description": pa.array(list(queries.initial_description), pa.string()),
             "initial_feat": embedding_column(initial),
             "fine_grained_feat": embedding_column(fine),
         }),
         queries_out, "query_features", config_hash=tag, producer="cache-features",
         extra_metadata=meta,
     )
-    log.info("%s: %d gallery images, %d queries, dim %d", split, len(rows), len(rows),
+    log.info("%s: %d gallery images, %d queries, dim %d", split, len(rows), len(queries),
              gallery.shape[1])
