@@ -161,12 +161,14 @@ class Witness(ThreadingHTTPServer):
         self.release = threading.Event()
         self.reset()
 
-    def reset(self, partial: Path | None = None, hold_after_partial: int | None = None):
+    def reset(self, partial: Path | None = None, hold_after_partial: int | None = None,
+              drop_after: int | None = None):
         with self.lock:
             self.answered: list[str] = []
             self.held = 0
             self.partial, self.hold_after_partial = partial, hold_after_partial
             self.after_partial = 0
+            self.drop_after = drop_after
 
     @property
     def url(self) -> str:
@@ -181,6 +183,11 @@ class _WitnessHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         user = body["messages"][-1]["content"]
         server: Witness = self.server
+        with server.lock:
+            dropped = server.drop_after is not None and len(server.answered) >= server.drop_after
+        if dropped:  # the server went away: no reply at all
+            self.close_connection = True
+            return
         with server.lock:
             hold = False
             if server.hold_after_partial is not None and server.partial.exists():
@@ -215,6 +222,33 @@ def witness():
     server.release.set()
     server.shutdown()
     server.server_close()
+
+
+def test_answers_received_before_the_server_dropped_are_kept_and_never_asked_again(
+        witness, tmp_path):
+    from llava_reid.answerer import AnswerBatchError, AnswerRequest
+    from llava_reid.answerer.cache import CachedAnswerer
+    from llava_reid.answerer.openai_compat import OpenAIAnswerer
+
+    requests = [AnswerRequest(f"{i}:0", i, f"Question {i}: was the person carrying a bag?",
+                              f"I saw person {i}. They wore a red coat. They carried a bag.",
+                              (), ()) for i in range(12)]
+    path = tmp_path / "answers.parquet"
+
+    def cache() -> CachedAnswerer:
+        return CachedAnswerer(OpenAIAnswerer(witness.url, "witness", max_concurrency=1,
+                                             max_retries=0, timeout_s=30), path)
+
+    witness.reset(drop_after=5)
+    with pytest.raises(AnswerBatchError) as failed:
+        cache().answer(requests)
+    assert len(failed.value.answers) == 5
+    first = list(witness.answered)
+    witness.reset()
+    answers = cache().answer(requests)
+    assert len(witness.answered) == 7 and not set(witness.answered) & set(first)
+    assert [answers[int(k.split(":")[0])] for k in failed.value.answers] == list(
+        failed.value.answers.values())
 
 
 # -- evaluation chunks ------------------------------------------------------------------------
@@ -370,3 +404,38 @@ def test_interrupted_forcerun_then_plain_run_leaves_every_output(dag):
         assert (run / rel).exists(), rel
     assert all(c.exists() for c in chunks)
     assert not _dry_run_rules(dag) - {"all"}
+
+
+# -- checkpoint files -----------------------------------------------------------------------------
+
+
+def test_unrestorable_checkpoint_names_its_file(tmp_path):
+    import torch
+
+    from llava_reid.artifacts import ArtifactError
+    from llava_reid.training import ResumableCheckpoint, restore_file
+
+    ckpt = ResumableCheckpoint(tmp_path / "ck", "tag")
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.Adam([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ckpt.save(lambda folder: (folder / "model.safetensors").write_bytes(b"\0" * 16), optimizer,
+              scheduler, {"epoch": 1, "step": 0, "history": []})
+    assert ckpt.load_state()["epoch"] == 1
+    trainer = ckpt.last / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:40])  # truncated by a full disk, say
+    with pytest.raises(ArtifactError, match=str(trainer)):
+        ckpt.restore_trainer(optimizer, scheduler)
+    with pytest.raises(ArtifactError, match="model.safetensors"):
+        restore_file(ckpt.last / "model.safetensors", load_file)
+
+
+def test_unreadable_checkpoint_state_starts_over(tmp_path, caplog):
+    from llava_reid.training import ResumableCheckpoint
+
+    state = tmp_path / "ck/last/state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"epoch": 1, "ste')
+    with caplog.at_level("WARNING"):
+        assert ResumableCheckpoint(tmp_path / "ck", "tag").load_state() is None
+    assert str(state) in caplog.text and not state.exists()

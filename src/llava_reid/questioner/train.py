@@ -41,6 +41,7 @@ from llava_reid.training import (
     TrainingLoop,
     inputs_fingerprint,
     make_accelerator,
+    restore_file,
     warmup_cosine,
 )
 
@@ -222,7 +223,10 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
          "data": conversations,
          "inputs": inputs_fingerprint(model, conversations, visual_tokens, annotations)}))
     state = ckpt.load_state()
-    attach_lora(q, qcfg, adapter=str(ckpt.last / "adapter") if state else None)
+    if state:
+        restore_file(ckpt.last / "adapter", lambda path: attach_lora(q, qcfg, adapter=path))
+    else:
+        attach_lora(q, qcfg)
     trainable = [p for p in q.net.parameters() if p.requires_grad]
     log.info("trainable parameters: %.2f M of %.2f M", sum(p.numel() for p in trainable) / 1e6,
              sum(p.numel() for p in q.net.parameters()) / 1e6)

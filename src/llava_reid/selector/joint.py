@@ -43,6 +43,7 @@ from llava_reid.training import (
     derived_seed,
     inputs_fingerprint,
     make_accelerator,
+    restore_file,
     warmup_cosine,
 )
 
@@ -137,9 +138,13 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
          "inputs": inputs_fingerprint(model, adapter, selector, conversations, gallery,
                                       retriever, visual_tokens, annotations)}))
     state = ckpt.load_state()
-    start_adapter = str(ckpt.last / "adapter") if state else adapter
-    attach_lora(q, qcfg, adapter=start_adapter)
-    sel = Selector.load(ckpt.last / "selector.safetensors" if state else selector, device)
+    if state:
+        restore_file(ckpt.last / "adapter", lambda path: attach_lora(q, qcfg, adapter=path))
+        sel = restore_file(ckpt.last / "selector.safetensors",
+                           lambda path: Selector.load(path, device))
+    else:
+        attach_lora(q, qcfg, adapter=adapter)
+        sel = Selector.load(selector, device)
     sel.train()
     module = JointLoss(q, sel, index.feats, index.image_idx, tokens, dcfg["pool_size"],
                        dcfg["num_candidates"])
