@@ -102,7 +102,10 @@ def intermediate_targets():
         out("questioner/visual_tokens/train.safetensors"),
         *expand(out("eval/{method}/dialogues.parquet"), method=methods),
         *expand(
-            out("eval/{method}/chunks/{i}-of-{n}.parquet"), method=methods, i=range(n), n=n
+            out("eval/{method}/chunks/{i}-of-{n}.parquet"),
+            method=methods,
+            i=range(n),
+            n=n,
         ),
     ]
     if any(m in QUESTIONER_METHODS for m in methods):
