@@ -257,8 +257,9 @@ def test_answers_received_before_the_server_dropped_are_kept_and_never_asked_aga
 def _eval_cfg(dag: dict, witness: Witness, **transport) -> dict:
     cfg = json.loads(json.dumps(dag["cfg"]))
     cfg["answerer"]["kind"] = "openai"
-    cfg["answerer"]["openai"].update(base_url=witness.url, model="witness", max_concurrency=1,
-                                     timeout_s=120, max_retries=0, **transport)
+    cfg["answerer"]["openai"].update({"base_url": witness.url, "model": "witness",
+                                      "max_concurrency": 1, "timeout_s": 120,
+                                      "max_retries": 0} | transport)
     return cfg
 
 
