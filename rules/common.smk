@@ -71,7 +71,44 @@ def all_targets():
             out("eval/{method}/metrics.json"), method=config["evaluate"]["methods"]
         ),
         *report_targets(),
+        *intermediate_targets(),
     ]
+
+
+def intermediate_targets():
+    """Every other artifact the DAG consumes: a plain `snakemake` rebuilds whichever is
+    missing (e.g. after an interrupted `--forcerun`), not only the final ones."""
+    methods = config["evaluate"]["methods"]
+    n = config["evaluate"]["chunks"]
+    targets = [
+        out("data/annotations.parquet"),
+        out("models/retriever_init"),
+        out("prepare/oracle_plan.parquet"),
+        out("prepare/conversations.parquet"),
+        out("questioner/visual_tokens/train.safetensors"),
+        *expand(out("eval/{method}/dialogues.parquet"), method=methods),
+        *expand(
+            out("eval/{method}/chunks/{i}-of-{n}.parquet"),
+            method=methods,
+            i=range(n),
+            n=n,
+        ),
+    ]
+    if any(m in QUESTIONER_METHODS for m in methods):
+        targets.append(out("questioner/visual_tokens/test.safetensors"))
+    if config["data"]["source"] == "synthetic":
+        targets.append(annotation_json())
+    if not config["questioner"]["pretrained"]:
+        targets.append(out("models/questioner_tiny"))
+    if "selector" in methods:
+        targets += [
+            out("selector/warmup.safetensors"),
+            out("selector/warmup_metrics.json"),
+            out("joint/adapter"),
+            out("joint/selector.safetensors"),
+            out("joint/metrics.json"),
+        ]
+    return targets
 
 
 # -- evaluation -----------------------------------------------------------------------------

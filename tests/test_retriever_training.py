@@ -139,17 +139,28 @@ def test_rewritten_input_does_not_resume(trained, tmp_path):
     init = tmp_path / "init"
     shutil.copytree(trained["init"], init)
     cfg = json.loads(json.dumps(trained["cfg"]))
-    cfg["retriever"]["epochs"] = 1
     args = _train_args(trained["data"], init, tmp_path / "e")
-    llava_reid(*args, cfg=cfg)
-    same = llava_reid(*args, cfg=cfg)
-    assert "resuming after epoch 1" in same.stderr  # untouched inputs: resume
+    _kill_after_first_epoch(args, cfg, tmp_path / "e" / "checkpoints" / "last" / "state.json")
     config = init / "config.json"
     config.write_text(config.read_text())  # rewritten: same path, new file
     os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
     again = llava_reid(*args, cfg=cfg)
     assert "resuming" not in again.stderr
     assert "other input files" in again.stderr
+
+
+def _kill_after_first_epoch(args, cfg, state):
+    cmd = [sys.executable, "-m", "llava_reid.cli", args[0], "--config", json.dumps(cfg),
+           *args[1:]]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert state.exists(), "the run finished (or failed) before it could be killed"
 
 
 def test_cache_features_parquet(trained, tmp_path):

@@ -260,7 +260,7 @@ def test_training_resumes_after_interruption(workflow, tmp_path, stage):
     _interrupt_after_checkpoint([stage, *common, *outputs(resumed)], cfg, resumed / "ck")
     assert not (resumed / "metrics.json").exists()
     proc = llava_reid(stage, *common, *outputs(resumed), cfg=cfg)
-    assert "resuming at epoch" in proc.stderr
+    assert "resuming after epoch" in proc.stderr
     a = json.loads((whole / "metrics.json").read_text())["history"]
     b = json.loads((resumed / "metrics.json").read_text())["history"]
     assert [h["step"] for h in a] == [h["step"] for h in b]

@@ -7,13 +7,17 @@ wrapped answerer only for what it has not seen, each distinct pair once. Answers
 from an answerer with the same ``name`` (which includes the model), so switching models never
 serves stale answers; rows of other answerers are kept in the file untouched.
 
-Answers received before a failure are written at once, so a server that dies mid-run loses
-nothing that was already answered.
+Each answer is appended to a journal next to the cache (``.<name>.journal.jsonl``) the moment
+it arrives, and folded into the Parquet file at every flush: a server that dies mid-batch, or a
+``kill -9`` of this process while a round's answers are in flight, loses nothing that arrived,
+and the rerun asks none of it again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,8 +47,65 @@ class CachedAnswerer:
         self._dirty = False
         self.hits = 0
         self.misses = 0
+        self.journal = self.path.with_name(f".{self.path.name}.journal.jsonl")
+        self._journal_file = None
+        self._journal_lock = threading.Lock()
+        self._in_flight: dict[str, Key] = {}  # request_id -> key of the batch being asked
         if self.path.exists():
             self._load()
+        if self.journal.exists():
+            self._load_journal()
+        self._hook_arrivals()
+
+    def _hook_arrivals(self) -> None:
+        """Journal each answer as the inner answerer receives it (when it reports arrivals)."""
+        client = getattr(self.inner, "client", self.inner)
+        if not hasattr(client, "on_answer"):
+            return
+        previous = client.on_answer
+
+        def on_answer(request_id: str, answer: str) -> None:
+            key = self._in_flight.get(request_id)
+            if key is not None:
+                self._journal_write([(key, answer)])
+            if previous is not None:
+                previous(request_id, answer)
+
+        client.on_answer = on_answer
+
+    def _journal_write(self, items: list[tuple[Key, str]]) -> None:
+        with self._journal_lock:
+            if self._journal_file is None:
+                self._journal_file = self.journal.open("a", encoding="utf-8")
+            for (target, question), answer in items:
+                self._journal_file.write(json.dumps(
+                    {"target_id": target, "question": question, "answer": answer,
+                     "answerer": self.name}) + "\n")
+            # In the kernel's hands: a killed process loses nothing written here.
+            self._journal_file.flush()
+
+    def _load_journal(self) -> None:
+        """Answers that arrived after the last flush of an interrupted run."""
+        count = 0
+        for number, line in enumerate(self.journal.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                row = json.loads(line)
+                key = (int(row["target_id"]), str(row["question"]))
+                answer, answerer = str(row["answer"]), str(row["answerer"])
+            except (ValueError, KeyError, TypeError):
+                # The line being written when the process died: that answer is asked again.
+                log.warning("answer journal %s line %d is incomplete: skipped", self.journal,
+                            number)
+                continue
+            if answerer == self.name:
+                self._answers[key] = answer
+            else:
+                self._others[(*key, answerer)] = answer
+            count += 1
+        if count:
+            self._dirty = True
+            log.info("answer journal %s: %d answers of an interrupted run recovered",
+                     self.journal, count)
 
     def _load(self) -> None:
         rows = read_table(self.path, KIND).to_pylist()
@@ -72,6 +133,7 @@ class CachedAnswerer:
         self.hits += len(requests) - len(missing)
         if missing:
             asked = list(missing.values())
+            self._in_flight = {r.request_id: key for key, r in missing.items()}
             try:
                 got = self.inner.answer(asked)
             except AnswerBatchError as exc:
@@ -80,12 +142,16 @@ class CachedAnswerer:
                 if exc.answers:
                     self.flush()  # keep what was received even if the caller dies now
                 raise
+            finally:
+                self._in_flight = {}
             if len(got) != len(asked):
                 raise RuntimeError(f"answerer {self.name} returned {len(got)} answers for "
                                    f"{len(asked)} questions")
             self._store(dict(zip(missing.keys(), got, strict=True)))
             if self.autoflush:
                 self.flush()
+            else:  # also those the inner answerer does not report on arrival
+                self._journal_write(list(zip(missing.keys(), got, strict=True)))
         return [self._answers[k] for k in keys]
 
     def _store(self, new: dict[Key, str]) -> None:
@@ -116,6 +182,11 @@ class CachedAnswerer:
         })
         write_table(table, self.path, KIND, config_hash=self.config_hash, producer=self.name)
         self._dirty = False
+        with self._journal_lock:  # everything journaled is in the Parquet file now
+            if self._journal_file is not None:
+                self._journal_file.close()
+                self._journal_file = None
+            self.journal.unlink(missing_ok=True)
 
     def close(self) -> None:
         try:

@@ -6,8 +6,10 @@ fine); chunk ``i`` runs here, writing ``eval/{method}/chunks/{i}-of-{n}.parquet`
 
 After every completed round the rows so far are saved (atomically) next to the output as a
 partial file; a rerun after an interruption resumes after the last completed round. The partial
-file is tagged with the config hash, so a changed config starts over. Answers are cached in
-Parquet (keyed by target and question), so a rerun does not ask the answerer again.
+file is tagged with the config hash (transport-only answerer settings left out) and with the
+input files' fingerprint, so a changed config or a retrained upstream model starts over, with
+a log line saying which; an unreadable partial file is discarded likewise. Answers are cached
+in Parquet (keyed by target and question), so a rerun does not ask the answerer again.
 """
 
 from __future__ import annotations
@@ -35,10 +37,32 @@ from llava_reid.interact.fusion import from_config as auxiliary_similarity
 from llava_reid.interact.gallery import Gallery
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.runtime import config_hash, seed_everything
+from llava_reid.training import inputs_fingerprint
 
 log = logging.getLogger(__name__)
 
 METHODS = ("initial", "random", "oracle", "questioner", "selector")
+
+# Answerer settings that change how answers travel, not what they are: editing them keeps an
+# interrupted chunk's rounds (and the answer cache, which is keyed by the answerer's model).
+TRANSPORT_ONLY = {
+    "openai": ("base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries"),
+    "sglang": ("port", "gpu", "mem_fraction_static", "startup_timeout_s"),
+}
+
+
+def results_settings(cfg: dict[str, Any], method: str) -> dict[str, Any]:
+    """What a chunk's rounds depend on in the config (the partial file's and output's tag)."""
+    view = {k: cfg[k] for k in ("seed", "dialogue", "questioner", "answerer", "evaluate")
+            if k in cfg}
+    if "answerer" in view:
+        answerer = dict(view["answerer"])
+        for section, keys in TRANSPORT_ONLY.items():
+            if isinstance(answerer.get(section), dict):
+                answerer[section] = {k: v for k, v in answerer[section].items()
+                                     if k not in keys}
+        view["answerer"] = answerer
+    return view | {"method": method}
 
 
 def chunk_ids(query_ids: list[int], index: int, count: int) -> list[int]:
@@ -126,6 +150,35 @@ def rows_table(rows: list[dict[str, Any]], dim: int) -> pa.Table:
     return pa.table(frame)
 
 
+def load_partial(partial: Path, tag: str, inputs: str, dialogues: list[Dialogue]
+                 ) -> pd.DataFrame:
+    """The rounds an interrupted run saved, replayed onto ``dialogues``; empty (and the file
+    removed, with a log line saying why) when it is from another config or other input files
+    or cannot be read."""
+    if not partial.exists():
+        return pd.DataFrame()
+    try:
+        meta = read_metadata(partial)
+        reason = None
+        if meta.get("config_hash") != tag:
+            reason = "the config changed since it was written"
+        elif meta.get("inputs_fingerprint") != inputs:
+            reason = ("an input file (retriever, gallery, queries, questioner, adapter, "
+                      "visual tokens, selector or annotations) was rewritten since it was written")
+        if reason is None:
+            done = read_table(partial, "dialogues").to_pandas()
+            unknown = set(done["query_id"]) - {d.query_id for d in dialogues}
+            if unknown:
+                raise ArtifactError(f"{len(unknown)} query ids that are not in this chunk")
+            return done
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is discarded, never fatal
+        reason = f"it is unreadable ({type(exc).__name__}: {exc})"
+    log.warning("discarding partial results %s: %s; this chunk starts from round 0", partial,
+                reason)
+    partial.unlink(missing_ok=True)
+    return pd.DataFrame()
+
+
 def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: str,
         gallery: str, queries: str, retriever: str, out: str, answers_cache: str,
         questioner: str | None = None, adapter: str | None = None,
@@ -134,8 +187,9 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
     started = time.time()
     seed_everything(cfg["seed"])
     dcfg = cfg["dialogue"]
-    tag = config_hash({k: cfg[k] for k in ("seed", "dialogue", "questioner", "answerer",
-                                           "evaluate") if k in cfg} | {"method": method})
+    tag = config_hash(results_settings(cfg, method))
+    inputs = inputs_fingerprint(annotations, gallery, queries, retriever, questioner, adapter,
+                                visual_tokens, selector)
     encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
     index = Gallery.from_parquet(gallery, encoder.device)
     all_ids = read_table(queries, "query_features", columns=["query_id"]).column(
@@ -146,14 +200,15 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
     meta = {"method": method, "chunk": f"{chunk}-of-{chunks}", "queries": len(ids)}
 
     partial = Path(out).with_name(f".{Path(out).stem}.partial.parquet")
-    done = pd.DataFrame()
-    if partial.exists():
-        try:
-            if read_metadata(partial).get("config_hash") == tag:
-                done = read_table(partial, "dialogues").to_pandas()
-        except ArtifactError as exc:
-            log.warning("ignoring unreadable partial results: %s", exc)
-    start = restore(dialogues, done)
+    done = load_partial(partial, tag, inputs, dialogues)
+    try:
+        start = restore(dialogues, done)
+    except Exception as exc:  # noqa: BLE001 - rounds that do not replay are discarded
+        log.warning("discarding partial results %s: its rounds do not replay (%s: %s); this "
+                    "chunk starts from round 0", partial, type(exc).__name__, exc)
+        partial.unlink(missing_ok=True)
+        done, start = pd.DataFrame(), 0
+        dialogues = load_dialogues(annotations, queries, ids)
     if start:
         log.info("resuming %s chunk %d/%d after round %d", method, chunk, chunks, start - 1)
 
@@ -176,7 +231,8 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
             answerer.flush()
         if round_ < dcfg["rounds"]:
             write_table(rows_table(rows, encoder.dim), partial, "dialogues", config_hash=tag,
-                        producer="evaluate", extra_metadata=meta)
+                        producer="evaluate",
+                        extra_metadata={**meta, "inputs_fingerprint": inputs})
 
     try:
         engine.run(dialogues, start, checkpoint)

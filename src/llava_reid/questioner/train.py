@@ -36,10 +36,12 @@ from llava_reid.questioner.vision import visual_tokens
 from llava_reid.questioner.visual_cache import VisualTokenCache
 from llava_reid.runtime import config_hash
 from llava_reid.training import (
+    BatchPlan,
     ResumableCheckpoint,
-    epoch_shard,
+    TrainingLoop,
     inputs_fingerprint,
     make_accelerator,
+    restore_file,
     warmup_cosine,
 )
 
@@ -221,63 +223,36 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
          "data": conversations,
          "inputs": inputs_fingerprint(model, conversations, visual_tokens, annotations)}))
     state = ckpt.load_state()
-    attach_lora(q, qcfg, adapter=str(ckpt.last / "adapter") if state else None)
+    if state:
+        restore_file(ckpt.last / "adapter", lambda path: attach_lora(q, qcfg, adapter=path))
+    else:
+        attach_lora(q, qcfg)
     trainable = [p for p in q.net.parameters() if p.requires_grad]
     log.info("trainable parameters: %.2f M of %.2f M", sum(p.numel() for p in trainable) / 1e6,
              sum(p.numel() for p in q.net.parameters()) / 1e6)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = max(1, scfg["batch_size"] // world)
-    steps_per_epoch = len(train) // (per_process * world)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{conversations}: {len(train)} examples < batch size")
-    updates_per_epoch = max(1, steps_per_epoch // scfg["grad_accum"])
+    plan = BatchPlan.make(len(train), scfg["batch_size"], accelerator.num_processes,
+                          accelerator.process_index, conversations)
+    updates_per_epoch = max(1, plan.steps // scfg["grad_accum"])
     total_updates = updates_per_epoch * scfg["epochs"]
     optimizer = torch.optim.AdamW(trainable, lr=scfg["lr"], weight_decay=scfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_updates, int(scfg["warmup_ratio"] * total_updates)))
-    if state:
-        ckpt.restore_trainer(optimizer, scheduler)
-        log.info("resuming at epoch %d step %d", state["epoch"], state["step"])
-    else:
-        state = {"epoch": 1, "step": 0, "history": []}
-    module, optimizer = accelerator.prepare(SFTLoss(q), optimizer)
+    loop = TrainingLoop(
+        "train-questioner", accelerator, SFTLoss(q), optimizer, scheduler, ckpt, state,
+        lambda tmp: q.net.save_pretrained(tmp / "adapter"), plan, epochs=scfg["epochs"],
+        seed=seed,
+        lengths=[e.text_length() for e in train] if scfg["group_by_length"] else None,
+        checkpoint_every=scfg["checkpoint_every"], max_grad_norm=scfg["max_grad_norm"],
+        clip_params=trainable)
 
-    def save(epoch: int, step: int) -> None:
-        if accelerator.is_main_process:
-            ckpt.save(lambda tmp: q.net.save_pretrained(tmp / "adapter"), optimizer, scheduler,
-                      {**state, "epoch": epoch, "step": step})
-        accelerator.wait_for_everyone()
+    def step(module, idx: list[int], epoch: int, s: int):
+        return module(make_batch(q, [train[i] for i in idx], ncand, tokens)), {}
 
-    lengths = [e.text_length() for e in train]
     started = time.time()
-    for epoch in range(state["epoch"], scfg["epochs"] + 1):
-        module.train()
-        shard = epoch_shard(len(train), epoch, seed, world, rank, per_process,
-                            lengths if scfg["group_by_length"] else None)
-        first = state["step"] if epoch == state["epoch"] else 0
-        for step in range(first, len(shard)):
-            batch = make_batch(q, [train[i] for i in shard[step]], ncand, tokens)
-            with accelerator.accumulate(module), accelerator.autocast():
-                loss = module(batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and scfg["max_grad_norm"] > 0:
-                    accelerator.clip_grad_norm_(trainable, scfg["max_grad_norm"])
-                optimizer.step()
-                scheduler.step() if accelerator.sync_gradients else None
-                optimizer.zero_grad(set_to_none=True)
-            step_loss = loss.item()
-            state["history"].append({"epoch": epoch, "step": step + 1,
-                                     "loss": round(step_loss, 4)})
-            if step % 20 == 0:
-                log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch, step + 1, len(shard),
-                         step_loss, scheduler.get_last_lr()[0])
-            if (step + 1) % scfg["checkpoint_every"] == 0 and step + 1 < len(shard):
-                save(epoch, step + 1)
-        state["epoch"], state["step"] = epoch + 1, 0
-        save(epoch + 1, 0)
+    state = loop.run(step)
 
-    if accelerator.is_main_process:
+    def write_outputs() -> None:
         q.net.eval()
         report = heldout_report(q, held, ncand, tokens, scfg["batch_size"],
                                 scfg["eval_prompts"])
@@ -297,4 +272,5 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
         with atomic_dir(out) as tmp:
             q.net.save_pretrained(tmp)
         write_json(result, metrics)
-    accelerator.wait_for_everyone()
+
+    loop.finish(write_outputs)

@@ -16,6 +16,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from llava_reid.artifacts import atomic_dir, write_json
 from llava_reid.data.annotations import read_annotations
@@ -34,10 +35,13 @@ from llava_reid.retriever.losses import id_loss, mask_tokens, mlm_loss, sdm_loss
 from llava_reid.retriever.model import QueryTokenizer, Retriever, load_clip, load_tokenizer
 from llava_reid.runtime import config_hash
 from llava_reid.training import (
+    BatchPlan,
     ResumableCheckpoint,
+    TrainingLoop,
     derived_seed,
     inputs_fingerprint,
     make_accelerator,
+    restore_file,
     warmup_cosine,
 )
 
@@ -163,12 +167,13 @@ class Checkpoints(ResumableCheckpoint):
     def best(self) -> Path:
         return self.folder / "best"
 
-    def save_state(self, model: Retriever, optimizer, scheduler, state: dict[str, Any]) -> None:
-        def weights(tmp: Path) -> None:
+    @staticmethod
+    def weights(model: Retriever) -> Callable[[Path], None]:
+        def save(tmp: Path) -> None:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                       str(tmp / "retriever.safetensors"))
 
-        self.save(weights, optimizer, scheduler, state)
+        return save
 
     def save_best(self, model: Retriever, tokenizer, rcfg: dict[str, Any]) -> None:
         with atomic_dir(self.best) as tmp:
@@ -176,9 +181,8 @@ class Checkpoints(ResumableCheckpoint):
             tokenizer.save_pretrained(tmp)
             write_settings(tmp, rcfg)
 
-    def restore(self, model: Retriever, optimizer, scheduler) -> None:
-        model.load_state_dict(load_file(str(self.last / "retriever.safetensors")))
-        self.restore_trainer(optimizer, scheduler)
+    def restore(self, model: Retriever) -> None:
+        model.load_state_dict(restore_file(self.last / "retriever.safetensors", load_file))
 
 
 def train_step(model, batch, tokenize, mask_cfg, weights, temperature, accelerator, g):
@@ -247,91 +251,52 @@ def run(
         "prob": rcfg["mlm_mask_prob"],
     }
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = max(1, rcfg["batch_size"] // world)
-    steps_per_epoch = len(train_rows) // (per_process * world)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{annotations}: {len(train_rows)} training images < batch size {rcfg['batch_size']}"
-        )
-    total_steps = steps_per_epoch * rcfg["epochs"]
+    plan = BatchPlan.make(len(train_rows), rcfg["batch_size"], accelerator.num_processes,
+                          accelerator.process_index, annotations, "training images")
+    total_steps = plan.steps * rcfg["epochs"]
     optimizer = torch.optim.Adam(_param_groups(model, rcfg), betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, steps_per_epoch * rcfg["warmup_epochs"], 0.1)
+        optimizer, warmup_cosine(total_steps, plan.steps * rcfg["warmup_epochs"], 0.1)
     )
     ckpt = Checkpoints(checkpoints, config_hash({
         "retriever": rcfg, "seed": seed, "init": init,
         "inputs": inputs_fingerprint(annotations, image_root, init)}))
     state = ckpt.load_state()
     if state is not None:
-        ckpt.restore(model, optimizer, scheduler)
-        log.info("resuming after epoch %d (best %s)", state["epoch"], state.get("best"))
-    else:
-        state = {"epoch": 0, "best": None, "history": []}
-
-    model, optimizer = accelerator.prepare(model, optimizer)
+        ckpt.restore(model)
+    loop = TrainingLoop("train-retriever", accelerator, model, optimizer, scheduler, ckpt, state,
+                        Checkpoints.weights(model), plan, epochs=rcfg["epochs"], seed=seed,
+                        step_history=False, initial={"best": None})
     transform = RetrieverTransform(rcfg["image_height"], rcfg["image_width"], train=rcfg["augment"])
     dataset = PairDataset(train_rows, image_root, transform, seed, rcfg["text_views"])
     validation = SplitEvaluation(val_rows, image_root, RetrieverTransform(
         rcfg["image_height"], rcfg["image_width"], train=False))
 
-    for epoch in range(state["epoch"] + 1, rcfg["epochs"] + 1):
-        started = time.time()
-        model.train()
+    def step(module, indices: list[int], epoch: int, s: int):
         dataset.epoch = epoch
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
-            derived_seed(seed, epoch)))[: steps_per_epoch * per_process * world]
-        shard = order.view(steps_per_epoch, world, per_process)[:, rank].reshape(-1).tolist()
-        loader = DataLoader(
-            torch.utils.data.Subset(dataset, shard),
-            batch_size=per_process,
-            shuffle=False,
-            collate_fn=_collate,
-            drop_last=True,
-        )
-        sums: dict[str, float] = {}
-        for step, batch in enumerate(loader):
-            g = torch.Generator().manual_seed(derived_seed(seed, epoch, step, rank, 7))
-            with accelerator.autocast():
-                loss, parts = train_step(
-                    model, batch, tokenize, mask_cfg, weights, rcfg["temperature"], accelerator, g
-                )
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-        losses = {k: round(v / steps_per_epoch, 4) for k, v in sums.items()}
-        # The steps alone (data loading included), apart from validation and checkpoints; logged
-        # only (a time is not a metric: metrics.json stays identical across runs).
-        train_seconds = round(time.time() - started, 1)
+        g = torch.Generator().manual_seed(derived_seed(seed, epoch, s, plan.rank, 7))
+        return train_step(module, _collate([dataset[i] for i in indices]), tokenize, mask_cfg,
+                          weights, rcfg["temperature"], accelerator, g)
 
-        record: dict[str, Any] = {"epoch": epoch, "loss": losses, "seconds": 0.0}
-        if accelerator.is_main_process:
-            net = accelerator.unwrap_model(model)
-            net.eval()
-            encoder = RetrieverEncoder(net, tokenizer, retriever_settings(rcfg),
-                                       accelerator.device)
-            record["val"] = validation(encoder, rcfg["eval_batch_size"])
-            score = record["val"][rcfg["select_metric"]]
-            if state["best"] is None or score > state["best"]["score"]:
-                state["best"] = {"epoch": epoch, "score": score}
-                ckpt.save_best(net, tokenizer, rcfg)
-            record["seconds"] = round(time.time() - started, 1)
-            state["history"].append(record)
-            state["epoch"] = epoch
-            ckpt.save_state(net, optimizer, scheduler, state)
-            log.info(
-                "epoch %d/%d loss %s val %s=%.2f (best %.2f @ %d) %.1fs (steps %.1fs)",
-                epoch, rcfg["epochs"], losses, rcfg["select_metric"], score,
-                state["best"]["score"], state["best"]["epoch"], record["seconds"],
-                train_seconds,
-            )
-        accelerator.wait_for_everyone()
-        state = ckpt.load_state() or state
+    def end_of_epoch(epoch: int, losses: dict[str, float], state: dict[str, Any],
+                     started: float) -> str:
+        """Validation picks the kept epoch (main process only)."""
+        net = accelerator.unwrap_model(loop.module)
+        net.eval()
+        encoder = RetrieverEncoder(net, tokenizer, retriever_settings(rcfg), accelerator.device)
+        val = validation(encoder, rcfg["eval_batch_size"])
+        score = val[rcfg["select_metric"]]
+        if state["best"] is None or score > state["best"]["score"]:
+            state["best"] = {"epoch": epoch, "score": score}
+            ckpt.save_best(net, tokenizer, rcfg)
+        state["history"].append({"epoch": epoch, "loss": losses, "seconds":
+                                 round(time.time() - started, 1), "val": val})
+        return (f"val {rcfg['select_metric']}={score:.2f} (best {state['best']['score']:.2f} "
+                f"@ {state['best']['epoch']})")
 
-    if accelerator.is_main_process:
+    state = loop.run(step, end_of_epoch)
+
+    def write_outputs() -> None:
         best = RetrieverEncoder.from_pretrained(ckpt.best, cfg["device"])
         test_rows = table[table.split == "test"]
         result = {
@@ -346,3 +311,4 @@ def run(
             shutil.copytree(ckpt.best, tmp, dirs_exist_ok=True)
         write_json(result, metrics)
 
+    loop.finish(write_outputs)

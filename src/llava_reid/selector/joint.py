@@ -37,11 +37,13 @@ from llava_reid.runtime import config_hash
 from llava_reid.selector.model import Selector
 from llava_reid.selector.sampler import gumbel_topk, selectable_mask, temperature_at
 from llava_reid.training import (
+    BatchPlan,
     ResumableCheckpoint,
+    TrainingLoop,
     derived_seed,
-    epoch_shard,
     inputs_fingerprint,
     make_accelerator,
+    restore_file,
     warmup_cosine,
 )
 
@@ -136,9 +138,13 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
          "inputs": inputs_fingerprint(model, adapter, selector, conversations, gallery,
                                       retriever, visual_tokens, annotations)}))
     state = ckpt.load_state()
-    start_adapter = str(ckpt.last / "adapter") if state else adapter
-    attach_lora(q, qcfg, adapter=start_adapter)
-    sel = Selector.load(ckpt.last / "selector.safetensors" if state else selector, device)
+    if state:
+        restore_file(ckpt.last / "adapter", lambda path: attach_lora(q, qcfg, adapter=path))
+        sel = restore_file(ckpt.last / "selector.safetensors",
+                           lambda path: Selector.load(path, device))
+    else:
+        attach_lora(q, qcfg, adapter=adapter)
+        sel = Selector.load(selector, device)
     sel.train()
     module = JointLoss(q, sel, index.feats, index.image_idx, tokens, dcfg["pool_size"],
                        dcfg["num_candidates"])
@@ -148,65 +154,36 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
         {"params": list(sel.parameters()), "lr": jcfg["selector_lr"]},
     ], weight_decay=0.0)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = max(1, jcfg["batch_size"] // world)
-    steps_per_epoch = len(examples) // (per_process * world)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{conversations}: {len(examples)} examples < batch size")
-    total_steps = steps_per_epoch * jcfg["epochs"]
+    plan = BatchPlan.make(len(examples), jcfg["batch_size"], accelerator.num_processes,
+                          accelerator.process_index, conversations)
+    total_steps = plan.steps * jcfg["epochs"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         max(1, total_steps // jcfg["grad_accum"]), 0))
-    if state:
-        ckpt.restore_trainer(optimizer, scheduler)
-        log.info("resuming at epoch %d step %d", state["epoch"], state["step"])
-    else:
-        state = {"epoch": 1, "step": 0, "history": []}
-    wrapped, optimizer = accelerator.prepare(module, optimizer)
 
-    def save(epoch: int, step: int) -> None:
-        if accelerator.is_main_process:
-            def save_models(tmp: Path) -> None:
-                q.net.save_pretrained(tmp / "adapter")
-                sel.save(tmp / "selector.safetensors")
+    def save_models(tmp: Path) -> None:
+        q.net.save_pretrained(tmp / "adapter")
+        sel.save(tmp / "selector.safetensors")
 
-            ckpt.save(save_models, optimizer, scheduler, {**state, "epoch": epoch, "step": step})
-        accelerator.wait_for_everyone()
+    loop = TrainingLoop(
+        "train-joint", accelerator, module, optimizer, scheduler, ckpt, state, save_models, plan,
+        epochs=jcfg["epochs"], seed=seed,
+        lengths=[e.text_length() for e in examples] if jcfg["group_by_length"] else None,
+        checkpoint_every=jcfg["checkpoint_every"], max_grad_norm=jcfg["max_grad_norm"],
+        clip_params=lora_params + list(sel.parameters()))
 
-    lengths = [e.text_length() for e in examples]
+    def step(wrapped, idx: list[int], epoch: int, s: int):
+        global_step = (epoch - 1) * plan.steps + s
+        tau = temperature_at(global_step, total_steps, jcfg["temperature_start"],
+                             jcfg["temperature_end"])
+        gen = torch.Generator().manual_seed(derived_seed(seed, epoch, s, plan.rank, 11))
+        loss = wrapped([examples[i] for i in idx], query_feats[idx].to(device),
+                       pools[idx].to(device), rounds[idx].to(device), tau, gen)
+        return loss, {"record": {"tau": round(tau, 4)}}
+
     started = time.time()
-    for epoch in range(state["epoch"], jcfg["epochs"] + 1):
-        wrapped.train()
-        shard = epoch_shard(len(examples), epoch, seed, world, rank, per_process,
-                            lengths if jcfg["group_by_length"] else None)
-        first = state["step"] if epoch == state["epoch"] else 0
-        for step in range(first, len(shard)):
-            global_step = (epoch - 1) * steps_per_epoch + step
-            tau = temperature_at(global_step, total_steps, jcfg["temperature_start"],
-                                 jcfg["temperature_end"])
-            gen = torch.Generator().manual_seed(derived_seed(seed, epoch, step, rank, 11))
-            idx = shard[step]
-            with accelerator.accumulate(wrapped), accelerator.autocast():
-                loss = wrapped([examples[i] for i in idx], query_feats[idx].to(device),
-                               pools[idx].to(device), rounds[idx].to(device), tau, gen)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and jcfg["max_grad_norm"] > 0:
-                    accelerator.clip_grad_norm_(lora_params + list(sel.parameters()),
-                                                jcfg["max_grad_norm"])
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["history"].append({"epoch": epoch, "step": step + 1, "tau": round(tau, 4),
-                                     "loss": round(float(loss.detach()), 4)})
-            if step % 20 == 0:
-                log.info("epoch %d step %d/%d loss %.4f tau %.3f", epoch, step + 1, len(shard),
-                         float(loss.detach()), tau)
-            if (step + 1) % jcfg["checkpoint_every"] == 0 and step + 1 < len(shard):
-                save(epoch, step + 1)
-        state["epoch"], state["step"] = epoch + 1, 0
-        save(epoch + 1, 0)
+    state = loop.run(step)
 
-    if accelerator.is_main_process:
+    def write_outputs() -> None:
         losses = [h["loss"] for h in state["history"]]
         window = max(1, min(20, len(losses) // 10))
         agreement = topk_agreement(module, query_feats, pools, rounds, device)
@@ -225,7 +202,8 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
         sel.eval()
         sel.save(out_selector, extra={"stage": "train-joint"})
         write_json(result, metrics)
-    accelerator.wait_for_everyone()
+
+    loop.finish(write_outputs)
 
 
 @torch.no_grad()
