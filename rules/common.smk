@@ -77,15 +77,13 @@ def all_targets():
 
 def intermediate_targets():
     """Every other artifact the DAG consumes: a plain `snakemake` rebuilds whichever is
-    missing (e.g. after an interrupted `--forcerun`), not only the final ones."""
+    missing (e.g. after an interrupted `--forcerun`), not only the final ones. What only a
+    training stage reads is left out when that stage is replaced by an imported checkpoint.
+    """
     methods = config["evaluate"]["methods"]
     n = config["evaluate"]["chunks"]
     targets = [
         out("data/annotations.parquet"),
-        out("models/retriever_init"),
-        out("prepare/oracle_plan.parquet"),
-        out("prepare/conversations.parquet"),
-        out("questioner/visual_tokens/train.safetensors"),
         *expand(out("eval/{method}/dialogues.parquet"), method=methods),
         *expand(
             out("eval/{method}/chunks/{i}-of-{n}.parquet"),
@@ -94,20 +92,31 @@ def intermediate_targets():
             n=n,
         ),
     ]
+    if not config["retriever"].get("checkpoint"):
+        targets.append(out("models/retriever_init"))
+    if not config["questioner"].get("checkpoint"):
+        targets += [
+            out("prepare/oracle_plan.parquet"),
+            out("prepare/conversations.parquet"),
+            out("questioner/visual_tokens/train.safetensors"),
+        ]
     if any(m in QUESTIONER_METHODS for m in methods):
         targets.append(out("questioner/visual_tokens/test.safetensors"))
+        if not config["questioner"]["pretrained"]:
+            targets.append(out("models/questioner_tiny"))
     if config["data"]["source"] == "synthetic":
         targets.append(annotation_json())
-    if not config["questioner"]["pretrained"]:
-        targets.append(out("models/questioner_tiny"))
     if "selector" in methods:
         targets += [
-            out("selector/warmup.safetensors"),
-            out("selector/warmup_metrics.json"),
             out("joint/adapter"),
             out("joint/selector.safetensors"),
             out("joint/metrics.json"),
         ]
+        if not config["selector"].get("checkpoint"):
+            targets += [
+                out("selector/warmup.safetensors"),
+                out("selector/warmup_metrics.json"),
+            ]
     return targets
 
 
