@@ -212,17 +212,20 @@ def report_targets():
         out("report/metrics.tsv"),
         out("report/metrics.html"),
         *expand(out("report/ranked_lists/{method}.jpg"), method=eval_methods()),
-        out("report/training_curves.png"),
+        *([out("report/training_curves.png")] if training_metrics() else []),
     ]
 
 
 def training_metrics():
-    """The metrics.json (with a history) of every training stage this run has."""
-    stages = {
-        "retriever": out("retriever/metrics.json"),
-        "questioner": out("questioner/metrics.json"),
-    }
-    if "selector" in config["evaluate"]["methods"]:
+    """The metrics.json (with a history) of every stage this run trains: an imported
+    checkpoint (rules/import.smk) has no training history to draw."""
+    stages = {}
+    if not config["retriever"].get("checkpoint"):
+        stages["retriever"] = out("retriever/metrics.json")
+    if not config["questioner"].get("checkpoint"):
+        stages["questioner"] = out("questioner/metrics.json")
+    selector = "selector" in config["evaluate"]["methods"]
+    if selector and not config["selector"].get("checkpoint"):
         stages["warmup"] = out("selector/warmup_metrics.json")
         stages["joint"] = out("joint/metrics.json")
     return stages

@@ -101,11 +101,9 @@ rule training_curves:
         "../envs/train.yaml"
     params:
         cfg=stage_config("training-curves"),
-        selector=lambda wildcards, input: (
-            f"--warmup {input.warmup} --joint {input.joint}"
-            if "joint" in input.keys()
-            else ""
+        stages=lambda wildcards, input: " ".join(
+            f"--{stage} {path}" for stage, path in input.items()
         ),
     shell:
-        "llava-reid training-curves --config {params.cfg:q} --retriever {input.retriever}"
-        " --questioner {input.questioner} {params.selector} --out {output} > {log} 2>&1"
+        "llava-reid training-curves --config {params.cfg:q} {params.stages}"
+        " --out {output} > {log} 2>&1"

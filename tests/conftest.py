@@ -68,3 +68,13 @@ def small_dataset(tmp_path_factory) -> dict:
     llava_reid("load-annotations", "--annotations", str(root / "annotations.json"),
                "--image-root", str(root), "--out", str(parquet), cfg=cfg)
     return {"root": root, "annotations": parquet, "cfg": cfg}
+
+
+def sglang_stand_in_env(folder: Path) -> dict[str, str]:
+    """The environment for a dry run of a config whose answerer is SGLang on a machine without
+    it: $LLAVA_REID_SGLANG_PYTHON names a stand-in interpreter that finds every module (the DAG's
+    runtime check asks it; no job runs)."""
+    python = folder / "sglang-python"
+    python.write_text("#!/bin/sh\nexit 0\n")
+    python.chmod(0o755)
+    return {**os.environ, "LLAVA_REID_SGLANG_PYTHON": str(python)}

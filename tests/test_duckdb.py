@@ -44,6 +44,7 @@ def features(tmp_path):
     write_table(pa.table({
         "query_id": pa.array(np.arange(105, 111), pa.int32()),
         "pid": pa.array(np.arange(6), pa.int64()),
+        "image_idx": pa.array(np.arange(100, 106), pa.int32()),
         "initial_description": pa.array(["a person"] * 6),
         "initial_feat": embedding_column(initial),
         "fine_grained_feat": embedding_column(initial[::-1].copy()),

@@ -107,6 +107,7 @@ def test_parquet_corruption_through_a_stage_is_one_line(tmp_path):
     queries = tmp_path / "test_queries.parquet"
     feats = list(np.zeros((n, 8), np.float32))
     write_table({"query_id": np.arange(n, dtype=np.int32), "pid": np.arange(n, dtype=np.int64),
+                 "image_idx": np.arange(n, dtype=np.int32),
                  "initial_description": ["a person"] * n, "initial_feat": feats,
                  "fine_grained_feat": feats},
                 queries, "query_features", config_hash="x", producer="test")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, sglang_stand_in_env, small_config
 
 TRAINING_RULES = {"init_retriever", "train_retriever", "prepare_data", "train_questioner",
                   "warmup_selector", "train_joint"}
@@ -24,7 +24,8 @@ def _dry_run(work: Path, cfg: dict, *under: Path) -> subprocess.CompletedProcess
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(work), "--cores", "1", "--dry-run", "--configfile",
            *map(str, under), str(cfg_file)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=sglang_stand_in_env(work))
 
 
 def _planned_rules(proc: subprocess.CompletedProcess) -> set[str]:

@@ -52,7 +52,7 @@ def _assert_slurm_dry_run(proc: subprocess.CompletedProcess) -> None:
     assert "Using profiles slurm and workflow specific profile" in out, out[:500]
     # The profile's settings reached the jobs: its partition and per-rule resources.
     assert "slurm_partition=gpu" in out
-    assert "runtime=720, cpus_per_task=8" in out  # train_retriever's set-resources
+    assert "runtime=180, cpus_per_task=8" in out  # train_retriever's set-resources
     total = [line for line in out.splitlines() if line.startswith("total")]
     assert total and int(total[0].split()[-1]) > 10, out[-2000:]
 

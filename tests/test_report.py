@@ -318,17 +318,20 @@ def _training_files(root: Path) -> dict[str, str]:
 def test_training_curves(tmp_path):
     files = _training_files(tmp_path)
     out = tmp_path / "report" / "training_curves.png"
-    training_curves.run(CFG, files["retriever"], files["questioner"], str(out),
-                        warmup=files["warmup"], joint=files["joint"])
+    training_curves.run(CFG, str(out), retriever=files["retriever"],
+                        questioner=files["questioner"], warmup=files["warmup"],
+                        joint=files["joint"])
     w, h = training_curves.PANEL_SIZE
     with Image.open(out) as img:
         assert img.size == (round(3 * w * plots.DPI), round(2 * h * plots.DPI))
     again = tmp_path / "again.png"
-    training_curves.run(CFG, files["retriever"], files["questioner"], str(again),
-                        warmup=files["warmup"], joint=files["joint"])
+    training_curves.run(CFG, str(again), retriever=files["retriever"],
+                        questioner=files["questioner"], warmup=files["warmup"],
+                        joint=files["joint"])
     assert out.read_bytes() == again.read_bytes()
     # Without the selector stages: one row of panels.
-    training_curves.run(CFG, files["retriever"], files["questioner"], str(again))
+    training_curves.run(CFG, str(again), retriever=files["retriever"],
+                        questioner=files["questioner"])
     with Image.open(again) as img:
         assert img.size == (round(3 * w * plots.DPI), round(h * plots.DPI))
 
@@ -339,12 +342,14 @@ def test_training_curves_reject_a_bad_history(tmp_path):
     del data["history"][1]["val"]
     Path(files["retriever"]).write_text(json.dumps(data))
     with pytest.raises(plots.MetricsError, match=r"retriever.json: history\[1\] lacks \['val'\]"):
-        training_curves.run(CFG, files["retriever"], files["questioner"], str(tmp_path / "x.png"))
+        training_curves.run(CFG, str(tmp_path / "x.png"), retriever=files["retriever"],
+                            questioner=files["questioner"])
     (tmp_path / "good").mkdir()
     files = _training_files(tmp_path / "good")
     Path(files["questioner"]).write_text(json.dumps({"history": []}))
     with pytest.raises(plots.MetricsError, match="questioner.json: key 'history' missing"):
-        training_curves.run(CFG, files["retriever"], files["questioner"], str(tmp_path / "x.png"))
+        training_curves.run(CFG, str(tmp_path / "x.png"), retriever=files["retriever"],
+                            questioner=files["questioner"])
     assert not (tmp_path / "x.png").exists()
 
 

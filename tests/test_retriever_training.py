@@ -120,12 +120,12 @@ def test_killed_training_resumes_from_last_checkpoint(trained):
 
 
 def test_changed_config_does_not_resume(trained, tmp_path):
-    run_d = tmp_path / "d"
+    """An interrupted stage rerun with another config starts over."""
     cfg = json.loads(json.dumps(trained["cfg"]))
-    cfg["retriever"]["epochs"] = 1
-    llava_reid(*_train_args(trained["data"], trained["init"], run_d), cfg=cfg)
+    args = _train_args(trained["data"], trained["init"], tmp_path / "d")
+    _kill_after_first_epoch(args, cfg, tmp_path / "d" / "checkpoints" / "last" / "state.json")
     cfg["retriever"]["lr"] = 5e-4
-    again = llava_reid(*_train_args(trained["data"], trained["init"], run_d), cfg=cfg)
+    again = llava_reid(*args, cfg=cfg)
     assert "resuming" not in again.stderr
     assert "another config" in again.stderr
 

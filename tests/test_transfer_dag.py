@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from llava_reid.config import load_yaml
-from tests.conftest import REPO
+from tests.conftest import REPO, sglang_stand_in_env
 from tests.test_transfer_datasets import cuhk_sample, icfg_sample, rstp_sample
 
 TRAINING_RULES = {"init_retriever", "train_retriever", "prepare_data", "train_questioner",
@@ -52,7 +52,8 @@ def _dry_run(work: Path, cfg: dict) -> subprocess.CompletedProcess:
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(work), "--cores", "1", "--dry-run", "--configfile", str(cfg_file)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=sglang_stand_in_env(work))
 
 
 def _jobs(proc: subprocess.CompletedProcess) -> list[tuple[str, str]]:

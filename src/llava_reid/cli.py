@@ -229,8 +229,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
         "run",
         "Loss and validation curves of every training stage, from their metrics histories.",
         [
-            ("--retriever", {"required": True, "help": "retriever/metrics.json"}),
-            ("--questioner", {"required": True, "help": "questioner/metrics.json"}),
+            ("--retriever", {"help": "retriever/metrics.json"}),
+            ("--questioner", {"help": "questioner/metrics.json"}),
             ("--warmup", {"help": "selector/warmup_metrics.json"}),
             ("--joint", {"help": "joint/metrics.json"}),
             ("--out", {"required": True, "help": "PNG file"}),

@@ -161,20 +161,26 @@ def joint_curves(ax: Any, history: list[dict[str, Any]]) -> None:
         twin.set_ylabel("Gumbel-softmax temperature", color="tab:green")
 
 
-def run(cfg: dict[str, Any], retriever: str, questioner: str, out: str,
-        warmup: str | None = None, joint: str | None = None) -> None:
-    """Draw the training curves of the given stages' metrics.json into the PNG ``out``."""
+def run(cfg: dict[str, Any], out: str, retriever: str | None = None,
+        questioner: str | None = None, warmup: str | None = None,
+        joint: str | None = None) -> None:
+    """Draw the training curves of the given stages' metrics.json into the PNG ``out`` (a
+    stage imported instead of trained is not given)."""
     import matplotlib.style
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    r_data, r_hist = _history(retriever, ("epoch", "loss", "val"))
-    q_data, q_hist = _history(questioner, ("epoch", "loss"))
-    panels = [
-        lambda ax: retriever_loss(ax, r_hist),
-        lambda ax: retriever_validation(ax, r_data, r_hist),
-        lambda ax: questioner_loss(ax, q_data, q_hist),
-    ]
+    if not any((retriever, questioner, warmup, joint)):
+        raise MetricsError("training-curves: no training stage's metrics given")
+    panels = []
+    r_hist = q_hist = []
+    if retriever:
+        r_data, r_hist = _history(retriever, ("epoch", "loss", "val"))
+        panels += [lambda ax: retriever_loss(ax, r_hist),
+                   lambda ax: retriever_validation(ax, r_data, r_hist)]
+    if questioner:
+        q_data, q_hist = _history(questioner, ("epoch", "loss"))
+        panels.append(lambda ax: questioner_loss(ax, q_data, q_hist))
     if warmup:
         _, w_hist = _history(warmup, ("epoch", "loss", "heldout_agreement"))
         panels.append(lambda ax: warmup_curves(ax, w_hist))
