@@ -92,9 +92,9 @@ def intermediate_targets():
             n=n,
         ),
     ]
-    if not config["retriever"].get("checkpoint"):
+    if not imported("retriever"):
         targets.append(out("models/retriever_init"))
-    if not config["questioner"].get("checkpoint"):
+    if not imported("questioner"):
         targets += [
             out("prepare/oracle_plan.parquet"),
             out("prepare/conversations.parquet"),
@@ -112,7 +112,7 @@ def intermediate_targets():
             out("joint/selector.safetensors"),
             out("joint/metrics.json"),
         ]
-        if not config["selector"].get("checkpoint"):
+        if not imported("selector"):
             targets += [
                 out("selector/warmup.safetensors"),
                 out("selector/warmup_metrics.json"),
@@ -216,16 +216,20 @@ def report_targets():
     ]
 
 
+def imported(section):
+    """Whether ``section`` (retriever, questioner, selector) comes from a checkpoint."""
+    return bool((config.get(section) or {}).get("checkpoint"))
+
+
 def training_metrics():
     """The metrics.json (with a history) of every stage this run trains: an imported
     checkpoint (rules/import.smk) has no training history to draw."""
     stages = {}
-    if not config["retriever"].get("checkpoint"):
+    if not imported("retriever"):
         stages["retriever"] = out("retriever/metrics.json")
-    if not config["questioner"].get("checkpoint"):
+    if not imported("questioner"):
         stages["questioner"] = out("questioner/metrics.json")
-    selector = "selector" in config["evaluate"]["methods"]
-    if selector and not config["selector"].get("checkpoint"):
+    if "selector" in config["evaluate"]["methods"] and not imported("selector"):
         stages["warmup"] = out("selector/warmup_metrics.json")
         stages["joint"] = out("joint/metrics.json")
     return stages

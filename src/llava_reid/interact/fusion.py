@@ -125,18 +125,8 @@ class AuxiliarySimilarity:
         if len(np.unique(qids)) != len(qids) or len(np.unique(gids)) != len(gids):
             raise AuxiliarySimilarityError(f"{self.path}: query_id or image_idx repeats")
         want_q = np.asarray(sorted(query_ids), np.int64)
-        missing_q = np.setdiff1d(want_q, qids)
-        extra_q = np.setdiff1d(qids, want_q)
-        if len(missing_q) or len(extra_q):
-            raise AuxiliarySimilarityError(
-                f"{self.path}: query ids do not match the test split's {len(want_q)} queries "
-                f"(missing {missing_q[:5].tolist()}, unknown {extra_q[:5].tolist()})")
-        missing_g = np.setdiff1d(gallery_ids, gids)
-        extra_g = np.setdiff1d(gids, gallery_ids)
-        if len(missing_g) or len(extra_g):
-            raise AuxiliarySimilarityError(
-                f"{self.path}: image ids do not match the test gallery's {len(gallery_ids)} "
-                f"images (missing {missing_g[:5].tolist()}, unknown {extra_g[:5].tolist()})")
+        self._check_ids(qids, want_q, "query ids do not match the test split's", "queries")
+        self._check_ids(gids, gallery_ids, "image ids do not match the test gallery's", "images")
         if not np.isfinite(sim).all():
             raise AuxiliarySimilarityError(f"{self.path}: scores must be finite numbers")
         col_of = {int(v): i for i, v in enumerate(gids)}
@@ -151,6 +141,13 @@ class AuxiliarySimilarity:
         rows = torch.tensor([self.row_of[int(q)] for q in query_ids], device=self.scores.device)
         aux = self.scores[rows].to(similarity.device, similarity.dtype)
         return (1.0 - self.weight) * similarity + self.weight * aux
+
+    def _check_ids(self, got: np.ndarray, want: np.ndarray, problem: str, what: str) -> None:
+        missing, extra = np.setdiff1d(want, got), np.setdiff1d(got, want)
+        if len(missing) or len(extra):
+            raise AuxiliarySimilarityError(
+                f"{self.path}: {problem} {len(want)} {what} "
+                f"(missing {missing[:5].tolist()}, unknown {extra[:5].tolist()})")
 
     def rank(self, gallery: Gallery, query_feats: torch.Tensor, query_ids: list[int],
              target_pids: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:

@@ -68,15 +68,7 @@ def load_metrics(paths: list[str]) -> list[dict[str, Any]]:
         if name in seen:
             raise MetricsError(f"{path}: method {name!r} given twice")
         seen.add(name)
-        per_round = []
-        for entry in data["per_round"]:
-            missing = [k for k in ("round", *METRICS) if k not in entry]
-            if missing:
-                raise MetricsError(f"{path}: per_round entry lacks {missing}")
-            per_round.append({"round": int(entry["round"]), **{k: entry[k] for k in METRICS}})
-        if not per_round:
-            raise MetricsError(f"{path}: per_round is empty")
-        per_round.sort(key=lambda e: e["round"])
+        per_round = _per_round(path, data["per_round"], "per_round")
         methods.append(
             {
                 "method": name,
@@ -145,20 +137,23 @@ def paired_differences(methods: list[dict[str, Any]], ranks: list[bootstrap.Rank
 def _with_auxiliary(path: str, method: dict[str, Any], aux: dict[str, Any]) -> dict[str, Any]:
     """A method's rounds re-ranked with an external retriever's similarity fused in, shown as
     one more row/line beside the method itself."""
-    per_round = []
-    for entry in aux.get("per_round") or []:
-        missing = [k for k in ("round", *METRICS) if k not in entry]
-        if missing:
-            raise MetricsError(f"{path}: with_auxiliary per_round entry lacks {missing}")
-        per_round.append({"round": int(entry["round"]), **{k: entry[k] for k in METRICS}})
-    if not per_round:
-        raise MetricsError(f"{path}: with_auxiliary.per_round is empty")
-    per_round.sort(key=lambda e: e["round"])
+    per_round = _per_round(path, aux.get("per_round") or [], "with_auxiliary.per_round")
     return {**method, "method": f"{method['method']}+auxiliary",
             "label": f"{method['label']} + auxiliary (w={aux.get('weight')})",
             "per_round": per_round, "BRI": aux.get("BRI"), "auxiliary": True}
 
 
+def _per_round(path: str, entries: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """The checked metric entries of ``where`` in a metrics.json, rounds ascending."""
+    per_round = []
+    for entry in entries:
+        missing = [k for k in ("round", *METRICS) if k not in entry]
+        if missing:
+            raise MetricsError(f"{path}: {where} entry lacks {missing}")
+        per_round.append({"round": int(entry["round"]), **{k: entry[k] for k in METRICS}})
+    if not per_round:
+        raise MetricsError(f"{path}: {where} is empty")
+    return sorted(per_round, key=lambda e: e["round"])
 
 
 def _number(value: Any) -> float:
