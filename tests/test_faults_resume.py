@@ -387,12 +387,29 @@ def test_every_missing_artifact_is_rebuilt_by_a_plain_run(dag, tmp_path):
     assert not _dry_run_rules(dag) - {"all"}
 
 
+def _jobs_in_group(pgid: int, command: str) -> list[int]:
+    """Processes of the process group ``pgid`` running ``llava-reid <command>``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[2]) == pgid and command.encode() in argv and b"--out" in argv:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_interrupted_forcerun_then_plain_run_leaves_every_output(dag):
     run = dag["run"]
     chunks = [run / f"eval/{m}/chunks/0-of-1.parquet" for m in METHODS]
     proc = _snakemake(dag["work"], dag["cfg_file"], "--forcerun", "evaluate", popen=True)
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and all(c.exists() for c in chunks):
+    # Snakemake deletes a job's output a moment before it spawns the job: interrupt only once an
+    # evaluate process runs, else the job spawned after the Ctrl-C runs to completion.
+    while time.time() < deadline and proc.poll() is None and (
+            all(c.exists() for c in chunks) or not _jobs_in_group(proc.pid, "evaluate")):
         time.sleep(0.05)
     assert proc.poll() is None, "the forced run ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
