@@ -3,7 +3,9 @@ sharding, batch sizing and resumable checkpoints.
 
 A stage builds its model, optimizer and schedule and gives ``TrainingLoop`` a step function
 (indices of one batch -> loss); the loop owns the epoch/step resume, the optimizer mechanics,
-loss summaries, progress logs with an ETA, checkpoints and the final save.
+loss summaries, progress logs with an ETA, checkpoints and the final save. The progress is
+log lines, not tqdm: a job's log is a file, where tqdm's bars are carriage-return redraws that
+drop the loss and the timestamps (measured: bench/progress_logs.py, bench/RESULTS.md).
 
 Every random draw of a training stage derives from (config seed, epoch, step, rank), so a run
 resumed from a checkpoint takes the same path as one that was never interrupted, and the same

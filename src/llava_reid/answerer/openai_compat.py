@@ -6,8 +6,10 @@ question is its own chat-completions request, sent concurrently (bounded), to th
 URL with the key from an environment variable, retried with exponential backoff on transient
 failures, and matched back to its request by id, never by completion order.
 
-Plain HTTP through the standard library (``urllib``) keeps the answerer free of client-library
-version drift (the ``openai``/``httpx`` packages change their APIs and even module names).
+Plain HTTP through the standard library (``urllib``), not the official ``openai`` package:
+measured (bench/answerer_client.py) at a fifth of its client CPU per request and 3-4x its
+requests/s, with the same answers and error messages, and it does what the package does not
+(backoff a failed batch cuts short, retried cut-off replies, no placeholder key).
 """
 
 from __future__ import annotations
