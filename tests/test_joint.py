@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from llava_reid.questioner.loading import ImageTokens, attach_lora
 from llava_reid.questioner.sft_data import Example
-from llava_reid.questioner.train import ImageTokens, attach_lora
 from llava_reid.selector.joint import JointLoss
 from llava_reid.selector.model import Selector
 from tests.test_questioner import QCFG, _images, questioner, tiny_folder  # noqa: F401

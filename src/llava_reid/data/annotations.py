@@ -182,3 +182,14 @@ def run(cfg: dict[str, Any], annotations: str, image_root: str, out: str) -> Non
         log.info("%s: %d images, %d identities, %.1f Q/A and %.1f captions per image", split,
                  len(part), part.pid.nunique(), part.questions.map(len).mean(),
                  part.captions.map(len).mean())
+
+
+def training_corpus(annotations: str) -> list[str]:
+    """All text of the training split: descriptions, questions and answers."""
+    table = read_table(annotations, "annotations").to_pandas()
+    train = table[table["split"] == "train"]
+    corpus: list[str] = []
+    for row in train.itertuples():
+        corpus += [row.initial_description, row.fine_grained_description]
+        corpus += list(row.questions) + list(row.answers)
+    return corpus

@@ -34,8 +34,8 @@ from llava_reid.interact.askers import (
 )
 from llava_reid.interact.engine import DialogueEngine, advance
 from llava_reid.interact.fusion import from_config as auxiliary_similarity
-from llava_reid.interact.gallery import Gallery
 from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash, seed_everything
 from llava_reid.training import inputs_fingerprint
 

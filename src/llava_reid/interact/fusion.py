@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 import torch
 
 from llava_reid.artifacts import atomic_path, embeddings, read_table
-from llava_reid.interact.gallery import Gallery
 from llava_reid.metrics import target_ranks
+from llava_reid.retriever.gallery import Gallery
 
 log = logging.getLogger(__name__)
 

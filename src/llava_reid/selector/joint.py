@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from llava_reid.artifacts import atomic_dir, write_json
-from llava_reid.interact.gallery import Gallery
+from llava_reid.questioner.loading import ImageTokens, attach_lora, load_base
 from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
-from llava_reid.questioner.train import ImageTokens, attach_lora, load_base
 from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash
 from llava_reid.selector.model import Selector
 from llava_reid.selector.sampler import gumbel_topk, selectable_mask, temperature_at

@@ -361,8 +361,8 @@ def pool_order_consistency(query_feats: torch.Tensor, pool_rows: torch.Tensor,
 
 def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, out: str,
         metrics: str) -> None:
-    from llava_reid.interact.gallery import Gallery
     from llava_reid.retriever.encoder import RetrieverEncoder
+    from llava_reid.retriever.gallery import Gallery
 
     scfg, dcfg, seed = cfg["selector"], cfg["dialogue"], cfg["seed"]
     wcfg = scfg["warmup"]
