@@ -29,8 +29,8 @@ def _joint(q, straight_through: bool):
     feats = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
     selector = Selector(16, layers=1, heads=2, ffn=32, dropout=0.0)
     module = JointLoss(q, selector, feats, torch.arange(100, 108),
-                       ImageTokens(q, _Cache(tokens), {}), pool_size=8, num_candidates=3)
-    module.straight_through = straight_through
+                       ImageTokens(q, _Cache(tokens), {}), pool_size=8, num_candidates=3,
+                       straight_through=straight_through)
     examples = [Example(i, 100 + i, 0, (0, "I saw a man.", (), ()), "Was he carrying a bag?",
                         tuple(range(100, 108))) for i in range(2)]
     pools = torch.arange(8).repeat(2, 1)

@@ -21,7 +21,9 @@ QUESTIONER_INPUT = ("questioner.pool_ratio", "questioner.image_mean", "questione
 QUESTIONER_TRAINING = (*QUESTIONER_INPUT, "questioner.load_in_4bit", "questioner.train_projector",
                        "questioner.lora", "questioner.sft")
 
-# Evaluation methods that run the questioner (the others are baselines).
+# The evaluation methods (the schema's evaluate.methods enum), and those that run the
+# questioner (the others are baselines).
+METHODS = ("initial", "random", "oracle", "questioner", "selector")
 QUESTIONER_METHODS = ("questioner", "selector")
 
 STAGE_KEYS: dict[str, tuple[str, ...]] = {

@@ -24,11 +24,11 @@ import pandas as pd
 from PIL import Image
 
 from llava_reid.artifacts import read_table, write_table
+from llava_reid.data import SPLITS
 from llava_reid.runtime import config_hash
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 TEXT_FIELDS = ("file_path", "initial_description", "fine-grained_description")
 LIST_FIELDS = ("questions", "answers")
 

@@ -28,12 +28,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from llava_reid.artifacts import atomic_dir, atomic_path
+from llava_reid.data import SPLITS
 from llava_reid.data import attributes as A
 from llava_reid.data.attributes import Person
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 SUPERSAMPLE = 2  # draw at 2x and downsample: smoother edges at small sizes
 
 

@@ -37,11 +37,11 @@ from llava_reid.interact.fusion import from_config as auxiliary_similarity
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash, seed_everything
+from llava_reid.stage_views import METHODS
 from llava_reid.training import inputs_fingerprint
 
 log = logging.getLogger(__name__)
 
-METHODS = ("initial", "random", "oracle", "questioner", "selector")
 
 # Answerer settings that change how answers travel, not what they are: editing them keeps an
 # interrupted chunk's rounds (and the answer cache, which is keyed by the answerer's model).

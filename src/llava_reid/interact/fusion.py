@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from llava_reid.artifacts import atomic_path, embeddings, read_table
-from llava_reid.metrics import target_ranks
+from llava_reid.metrics import bri, rank_metrics, target_ranks
 from llava_reid.retriever.gallery import Gallery
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,6 @@ def round_metrics(table: pa.Table, gallery: Gallery, auxiliary: AuxiliarySimilar
                   ) -> tuple[list[dict[str, float]], float]:
     """Per-round R@k / mAP / mINP and BRI of merged dialogues, ranked by the dialogue's
     similarity alone (``auxiliary`` None) or fused with the auxiliary scores."""
-    from llava_reid.metrics import bri, rank_metrics
-
     rounds = table.column("round").to_numpy()
     feats = embeddings(table, "query_feat")
     pids = table.column("pid").to_numpy()

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llava_reid.answerer.base import IDK
 from llava_reid.artifacts import write_table
 from llava_reid.data.annotations import read_annotations
 from llava_reid.interact.oracle import best_next_answers, usable_answers
@@ -43,8 +44,6 @@ from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash
 
 log = logging.getLogger(__name__)
-
-IDK = "I don't know."
 
 
 def follows_random(seed: int, image_idx: int, fraction: float) -> bool:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from llava_reid.questioner.model import Questioner
+from llava_reid.data.annotations import read_annotations
+from llava_reid.questioner.model import Questioner, attention_implementation
 from llava_reid.questioner.vision import visual_tokens
 from llava_reid.questioner.visual_cache import VisualTokenCache
 
@@ -47,8 +48,6 @@ def _load_4bit(model: str, qcfg: dict[str, Any], device: torch.device) -> Questi
         BitsAndBytesConfig,
         LlavaOnevisionForConditionalGeneration,
     )
-
-    from llava_reid.questioner.model import attention_implementation
 
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
@@ -102,8 +101,6 @@ class ImageTokens:
             cache = VisualTokenCache(visual_tokens, q.device)
             cache.check_model(q)
             return cls(q, cache, {})
-        from llava_reid.data.annotations import read_annotations
-
         rows = read_annotations(annotations, split="train")
         paths = {int(i): Path(image_root) / p
                  for i, p in zip(rows.image_idx, rows.file_path, strict=True)}

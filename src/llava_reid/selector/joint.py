@@ -3,8 +3,8 @@
 Per SFT example (a look-ahead dialogue step with its top-N retrieval pool):
 
 1. the selector scores pool positions 1..N-1 (the top-1 is always shown) from the query's
-   retriever text feature and the pool's cached image features, positions past
-   k_r = ceil(N / (r + 1)) masked;
+   retriever text feature and the pool's cached image features, positions past the round's
+   k_r (``sampler.valid_length``) masked;
 2. a Gumbel top-k draw picks ``num_candidates - 1`` of them as a straight-through k-hot: exact
    0/1 values forward, the relaxed subset's gradient backward; the temperature is annealed
    linearly from ``temperature_start`` to ``temperature_end`` over training;
@@ -24,18 +24,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from llava_reid.artifacts import atomic_dir, write_json
+from llava_reid.artifacts import atomic_dir, read_table, write_json
 from llava_reid.questioner.loading import ImageTokens, attach_lora, load_base
 from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash
 from llava_reid.selector.model import Selector
-from llava_reid.selector.sampler import gumbel_topk, selectable_mask, temperature_at
+from llava_reid.selector.sampler import (
+    gumbel_topk,
+    selectable_mask,
+    temperature_at,
+    topk_positions,
+)
 from llava_reid.training import (
     BatchPlan,
     ResumableCheckpoint,
@@ -53,11 +57,13 @@ log = logging.getLogger(__name__)
 class JointLoss(nn.Module):
     """Selector -> straight-through k-hot -> weighted visual tokens -> questioner NLL.
 
-    One module so DDP sees a single forward that touches both the selector and the adapter."""
+    One module so DDP sees a single forward that touches both the selector and the adapter.
+    ``straight_through=False`` shows the same hard k-hot with no gradient to the selector (the
+    ablation the tests compare against)."""
 
     def __init__(self, questioner, selector: Selector, gallery_feats: torch.Tensor,
                  gallery_ids: torch.Tensor, tokens: ImageTokens, pool_size: int,
-                 num_candidates: int):
+                 num_candidates: int, straight_through: bool = True):
         super().__init__()
         self.net = questioner.net
         self.selector = selector
@@ -66,7 +72,7 @@ class JointLoss(nn.Module):
         self.gallery_ids = gallery_ids  # [G] image_idx
         self.tokens = tokens
         self.pool_size, self.num_candidates = pool_size, num_candidates
-        self.straight_through = True  # False: hard k-hot only, no gradient to the selector
+        self.straight_through = straight_through
 
     def select(self, query_feats: torch.Tensor, pools: torch.Tensor, rounds: torch.Tensor,
                temperature: float, generator: torch.Generator,
@@ -103,10 +109,9 @@ def query_features(retriever: str, device_pref: str, examples: list[Example],
                    descriptions: dict[int, str], batch_size: int) -> torch.Tensor:
     """Retriever text feature of each example's query so far [E, D] (fixed, computed once)."""
     encoder = RetrieverEncoder.from_pretrained(retriever, device_pref)
-    texts = [descriptions[e.example_id] for e in examples]
-    unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
-    feats = encoder.encode_texts(list(unique), batch_size).float().cpu()
-    return feats[torch.from_numpy(inverse.reshape(-1))]
+    feats, _ = encoder.encode_texts_once([descriptions[e.example_id] for e in examples],
+                                         batch_size)
+    return feats
 
 
 def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversations: str,
@@ -115,8 +120,6 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
     qcfg, jcfg, dcfg, seed = cfg["questioner"], cfg["joint"], cfg["dialogue"], cfg["seed"]
     accelerator = make_accelerator(cfg["device"], jcfg["grad_accum"], seed)
     device = accelerator.device
-
-    from llava_reid.artifacts import read_table
 
     table = read_table(conversations, "conversations", columns=["example_id", "description"])
     descriptions = dict(zip(table.column("example_id").to_pylist(),
@@ -210,8 +213,6 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
 def topk_agreement(module: JointLoss, query_feats, pools, rounds, device, limit: int = 2000
                    ) -> float:
     """Share of pools where the trained selector's deterministic choice is plain top-k."""
-    from llava_reid.selector.sampler import topk_positions
-
     sel = module.selector.eval()
     n = min(limit, len(pools))
     valid = selectable_mask(rounds[:n].to(device), module.pool_size, pools.shape[1])

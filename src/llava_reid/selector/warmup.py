@@ -48,6 +48,8 @@ import numpy as np
 import torch
 
 from llava_reid.artifacts import ArtifactError, read_table, write_json
+from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash, resolve_device, seed_everything
 from llava_reid.selector.model import Selector
 from llava_reid.selector.sampler import selectable_mask, topk_positions
@@ -361,9 +363,6 @@ def pool_order_consistency(query_feats: torch.Tensor, pool_rows: torch.Tensor,
 
 def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, out: str,
         metrics: str) -> None:
-    from llava_reid.retriever.encoder import RetrieverEncoder
-    from llava_reid.retriever.gallery import Gallery
-
     scfg, dcfg, seed = cfg["selector"], cfg["dialogue"], cfg["seed"]
     wcfg = scfg["warmup"]
     device = resolve_device(cfg["device"])
@@ -372,10 +371,8 @@ def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, o
 
     # Query features are fixed: encode each distinct description once, then free the encoder.
     encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
-    unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
-    feats = encoder.encode_texts(list(unique), wcfg["text_batch_size"]).float().cpu()
+    query_feats, distinct = encoder.encode_texts_once(texts, wcfg["text_batch_size"])  # [R, D]
     del encoder
-    query_feats = feats[torch.from_numpy(inverse.reshape(-1))]  # [R, D]
     if query_feats.shape[1] != index.feats.shape[1]:
         raise ValueError(f"retriever text dim {query_feats.shape[1]} != gallery dim "
                          f"{index.feats.shape[1]}")
@@ -395,7 +392,7 @@ def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, o
     tag = config_hash({"selector": scfg, "dialogue": dcfg, "seed": seed})
     model.save(out, extra={"stage": "warmup-selector", "config_hash": tag,
                            "retriever": str(retriever), "conversations": str(conversations)})
-    result.update({"config_hash": tag, "device": str(device), "distinct_descriptions": len(unique),
+    result.update({"config_hash": tag, "device": str(device), "distinct_descriptions": distinct,
                    "pool_order_consistency": round(consistency, 4)})
     write_json(result, metrics)
     log.info("selector warm-up: held-out agreement %s on %d pools -> %s",
