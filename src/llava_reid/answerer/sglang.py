@@ -1,9 +1,8 @@
 """Witness served by SGLang, started by the evaluation job itself when no server is given.
 
 On a cluster the evaluate job holds its GPUs; rather than asking the user to run a server by
-hand (the original hard-coded its address), the job launches ``python -m sglang.launch_server``
-on one of its GPUs, waits for ``/health``, talks to it through ``OpenAIAnswerer`` and stops it at
-the end. The server gets its own process group (so stopping it also stops its scheduler and
+hand, the job launches ``python -m sglang.launch_server`` on one of its GPUs, waits for
+``/health``, talks to it through ``OpenAIAnswerer`` and stops it at the end. The server gets its own process group (so stopping it also stops its scheduler and
 detokenizer workers), a log file, a random API key unless one is configured, and is stopped at
 interpreter exit if nobody called ``close()``.
 

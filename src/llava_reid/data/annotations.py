@@ -7,8 +7,8 @@ The input is the dataset's annotation JSON, a list of records::
      "questions": [str, ...], "answers": [str, ...], "captions": [str, ...] (optional)}
 
 Anything wrong fails with one ``AnnotationError`` naming the file, the record (index and id)
-and the field. Training identities are mapped to contiguous class ids (the original asserted
-that the raw ids already were).
+and the field. Training identities are mapped to contiguous class ids (the ID loss's classes),
+whatever the raw ids are.
 """
 
 from __future__ import annotations

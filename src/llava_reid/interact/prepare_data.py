@@ -9,10 +9,8 @@ and the top-N retrieval pool of the query so far.
 Whose answers the dialogue goes on with: on a look-ahead dialogue, the chosen one's. A seeded
 fraction ``prepare.random_history`` of dialogues goes on with a random unused answer instead,
 while every step's target stays the look-ahead's choice. Look-ahead histories alone show the
-questioner only the states the oracle visits (the most useful fact always asked first); at
-evaluation its own questions lead elsewhere (measured: after a first question about shoes it
-almost never asked for the garment fact the first description had left out, the one fact worth
-most to the retriever). Random histories teach it what to ask from such states.
+questioner only the states the oracle visits, while at evaluation its own questions lead
+elsewhere: random histories teach it what to ask from such states.
 
 A seeded fraction of dialogues is duplicated with some history answers replaced by "I don't
 know." so the questioner learns not to repeat such questions.

@@ -5,7 +5,7 @@
 - image <-> fine-grained description pairs of the training split, augmentation as IRRA;
 - a checkpoint after every epoch (model, heads, optimizer, schedule, best-so-far); a rerun with
   the same config resumes from it, a changed config starts over;
-- the kept epoch is chosen on the VALIDATION split (the original selected on test);
+- the kept epoch is chosen on the VALIDATION split (test stays unseen until the end);
 - every random draw derives from (seed, epoch, step/sample), so a resumed run equals an
   uninterrupted one.
 """
@@ -132,8 +132,8 @@ def _param_groups(model: Retriever, rcfg: dict[str, Any]) -> list[dict[str, Any]
 
 class SplitEvaluation:
     """A split's gallery images, decoded and preprocessed once, and its two query texts per
-    image. Scored after every epoch, so only the encoders run each time (reading and resizing
-    the images again every epoch took ~30 % of an embedded-default epoch)."""
+    image. Scored after every epoch, so only the encoders run each time (decoding and resizing
+    the images is the slow part)."""
 
     QUERIES = (("f", "fine_grained_description"), ("i", "initial_description"))
 

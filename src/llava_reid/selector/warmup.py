@@ -5,26 +5,21 @@ the look-ahead question), so it starts from a selector that already reproduces w
 top-k would show: for each training dialogue state the targets are pool positions
 1..c-1 (c = ``num_candidates``; position 0, the top-1, is always shown and not scored).
 
-Exact imitation is a precision problem. Inside a 200-image pool the retriever's similarities
-span ~0.4 while the gap between the 3rd and the 4th image is ~0.006 (median; 0.0008 at the
-10th percentile, embedded default). The spec's transformer has to rebuild that ranking from
-raw features; in our runs it reached 33% exact agreement on held-out pools after the
-original's 10 epochs and 57-70% after 60 (GPU). The model's optional ``retrieval_prior`` adds
+Exact imitation is a precision problem: neighbouring images of a pool differ in similarity by
+a tiny fraction of the pool's spread, and a transformer on raw features ranks them poorly
+(figures: bench/RESULTS.md, "Selector warm-up"). The model's optional ``retrieval_prior`` adds
 the query-image cosine, times a learned scale, to its logits, with a zero-initialised head: it
 starts as exactly plain top-k and the transformer learns corrections. The scale has its own,
-larger learning rate (``prior_lr``): with the base one the still-noisy head outgrows the prior
-and agreement falls from 100% to ~55%.
+larger learning rate (``prior_lr``) so that the still-noisy head cannot outgrow the prior.
 
-Loss. The original used binary cross-entropy of exp(score) against 1 on the target positions,
-which equals the mean negative log-probability of each target: a softmax cross-entropy with a
-uniform soft label on the targets. The default here (``plackett_luce``) is the negative
-log-probability that the joint-training sampler, a Gumbel-top-k draw from these very scores
-(a Plackett-Luce draw without replacement), returns exactly the target set, in any order: the
-maximum-likelihood fit of the distribution that joint training starts sampling from, with no
-preference for how the targets share their mass. It is computed exactly by summing the (c-1)!
-orderings. On the embedded default both losses reach the same agreement; ``bce`` is kept for
-comparison. ``pool_dropout`` (optional augmentation) hides random pool positions so that the
-targets move deeper into the ranking; it helped the plain transformer (57% -> 70%).
+Loss. The default (``plackett_luce``) is the negative log-probability that the joint-training
+sampler, a Gumbel-top-k draw from these very scores (a Plackett-Luce draw without
+replacement), returns exactly the target set, in any order: the maximum-likelihood fit of the
+distribution that joint training starts sampling from, with no preference for how the targets
+share their mass. It is computed exactly by summing the (c-1)! orderings. ``bce`` (binary
+cross-entropy of exp(score) against 1 on the targets: a softmax cross-entropy with a uniform
+soft label on the targets) is kept for comparison. ``pool_dropout`` (optional augmentation)
+hides random pool positions so that the targets move deeper into the ranking.
 
 Evaluation. A seeded fraction of identities is held out (every image of a held-out identity,
 hence every dialogue round of those images, so no near-duplicate description leaks into
@@ -128,7 +123,7 @@ def drop_positions(valid: torch.Tensor, n_targets: int, rate: float,
 
 
 def bce_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The original: BCE(exp(score), 1) on the targets = mean -score (clamped at -100).
+    """BCE(exp(score), 1) on the targets = mean -score (clamped at -100).
 
     scores: [B, P] log-probabilities; targets: [B, n] target columns.
     """
