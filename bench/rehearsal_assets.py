@@ -69,8 +69,8 @@ def build_data(out: Path, seed: int, identities: dict[str, int] | None = None) -
     folder = out / "data"
     if (folder / "annotations.json").exists():
         return folder
-    scfg = {**DATA, "identities": identities or DATA["identities"]}
-    synthetic.run({"seed": seed, "data": {"synthetic": scfg}}, str(folder))
+    synthetic_cfg = {**DATA, "identities": identities or DATA["identities"]}
+    synthetic.run({"seed": seed, "data": {"synthetic": synthetic_cfg}}, str(folder))
     return folder
 
 

@@ -177,11 +177,11 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     rank, world = _distributed()
     rows = read_annotations(annotations, split="train").reset_index(drop=True)
     encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
-    index = Gallery.from_parquet(gallery, encoder.device)
+    train_gallery = Gallery.from_parquet(gallery, encoder.device)
     shard = rows.iloc[rank::world]
     log.info("look-ahead over %d training images (%d on this process), up to %d rounds",
              len(rows), len(shard), dcfg["rounds"])
-    plan = plan_dialogues(encoder, index, shard, dcfg["rounds"], pcfg["min_remaining"],
+    plan = plan_dialogues(encoder, train_gallery, shard, dcfg["rounds"], pcfg["min_remaining"],
                           pcfg["batch_size"], pcfg["random_history"], seed)
     if world > 1:
         parts: list[Any] = [None] * world
@@ -199,7 +199,8 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     convs = build_conversations(rows, plan_df, pcfg, seed)
     log.info("retrieval pools of %d conversations", len(convs))
     feats = encoder.encode_texts(list(convs.description), pcfg["batch_size"])
-    pools = index.image_idx[index.top_k(feats, dcfg["pool_size"])].cpu().numpy()
+    top = train_gallery.top_k(feats, dcfg["pool_size"])
+    pools = train_gallery.image_idx[top].cpu().numpy()
     convs["pool"] = [p.astype(np.int32) for p in pools]
 
     tag = config_hash({"prepare": pcfg, "dialogue": dcfg, "seed": seed})

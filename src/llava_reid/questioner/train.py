@@ -95,13 +95,13 @@ def heldout_report(q: Questioner, held: list[Example], num_candidates: int,
 
 def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
         annotations: str, image_root: str, out: str, metrics: str, checkpoints: str) -> None:
-    qcfg, scfg, seed = cfg["questioner"], cfg["questioner"]["sft"], cfg["seed"]
+    qcfg, sft, seed = cfg["questioner"], cfg["questioner"]["sft"], cfg["seed"]
     ncand = cfg["dialogue"]["num_candidates"]
-    accelerator = make_accelerator(cfg["device"], scfg["grad_accum"], seed)
+    accelerator = make_accelerator(cfg["device"], sft["grad_accum"], seed)
     device = accelerator.device
 
     examples = load_examples(conversations)
-    train, held = split_holdout(examples, scfg["holdout"], seed)
+    train, held = split_holdout(examples, sft["holdout"], seed)
     q = load_base(model, cfg, device)
     tokens = ImageTokens.for_training(q, qcfg, visual_tokens, annotations, image_root)
 
@@ -118,19 +118,19 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
     log.info("trainable parameters: %.2f M of %.2f M", sum(p.numel() for p in trainable) / 1e6,
              sum(p.numel() for p in q.net.parameters()) / 1e6)
 
-    plan = BatchPlan.make(len(train), scfg["batch_size"], accelerator.num_processes,
+    plan = BatchPlan.make(len(train), sft["batch_size"], accelerator.num_processes,
                           accelerator.process_index, conversations)
-    updates_per_epoch = max(1, plan.steps // scfg["grad_accum"])
-    total_updates = updates_per_epoch * scfg["epochs"]
-    optimizer = torch.optim.AdamW(trainable, lr=scfg["lr"], weight_decay=scfg["weight_decay"])
+    updates_per_epoch = max(1, plan.steps // sft["grad_accum"])
+    total_updates = updates_per_epoch * sft["epochs"]
+    optimizer = torch.optim.AdamW(trainable, lr=sft["lr"], weight_decay=sft["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_updates, int(scfg["warmup_ratio"] * total_updates)))
+        optimizer, warmup_cosine(total_updates, int(sft["warmup_ratio"] * total_updates)))
     loop = TrainingLoop(
         "train-questioner", accelerator, SFTLoss(q), optimizer, scheduler, ckpt, state,
-        lambda tmp: q.net.save_pretrained(tmp / "adapter"), plan, epochs=scfg["epochs"],
+        lambda tmp: q.net.save_pretrained(tmp / "adapter"), plan, epochs=sft["epochs"],
         seed=seed,
-        lengths=[e.text_length() for e in train] if scfg["group_by_length"] else None,
-        checkpoint_every=scfg["checkpoint_every"], max_grad_norm=scfg["max_grad_norm"],
+        lengths=[e.text_length() for e in train] if sft["group_by_length"] else None,
+        checkpoint_every=sft["checkpoint_every"], max_grad_norm=sft["max_grad_norm"],
         clip_params=trainable)
 
     def step(module, idx: list[int], epoch: int, s: int):
@@ -141,8 +141,8 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
 
     def write_outputs() -> None:
         q.net.eval()
-        report = heldout_report(q, held, ncand, tokens, scfg["batch_size"],
-                                scfg["eval_prompts"])
+        report = heldout_report(q, held, ncand, tokens, sft["batch_size"],
+                                sft["eval_prompts"])
         losses = [h["loss"] for h in state["history"]]
         window = max(1, min(20, len(losses) // 10))
         result = {

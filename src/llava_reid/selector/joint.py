@@ -127,8 +127,8 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
     examples, held = split_holdout(load_examples(conversations), qcfg["sft"]["holdout"], seed)
     query_feats = query_features(retriever, cfg["device"], examples, descriptions,
                                  cfg["features"]["batch_size"])
-    index = Gallery.from_parquet(gallery, device)
-    position = index.position_of()
+    train_gallery = Gallery.from_parquet(gallery, device)
+    position = train_gallery.position_of()
     pools = torch.tensor([[position[i] for i in e.pool] for e in examples], dtype=torch.long)
     rounds = torch.tensor([e.round for e in examples], dtype=torch.long)
 
@@ -149,8 +149,8 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
         attach_lora(q, qcfg, adapter=adapter)
         sel = Selector.load(selector, device)
     sel.train()
-    module = JointLoss(q, sel, index.feats, index.image_idx, tokens, dcfg["pool_size"],
-                       dcfg["num_candidates"])
+    module = JointLoss(q, sel, train_gallery.feats, train_gallery.image_idx, tokens,
+                       dcfg["pool_size"], dcfg["num_candidates"])
     lora_params = [p for p in q.net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": lora_params, "lr": jcfg["lr"]},

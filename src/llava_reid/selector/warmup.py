@@ -358,21 +358,21 @@ def pool_order_consistency(query_feats: torch.Tensor, pool_rows: torch.Tensor,
 
 def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, out: str,
         metrics: str) -> None:
-    scfg, dcfg, seed = cfg["selector"], cfg["dialogue"], cfg["seed"]
-    wcfg = scfg["warmup"]
+    selector_cfg, dcfg, seed = cfg["selector"], cfg["dialogue"], cfg["seed"]
+    wcfg = selector_cfg["warmup"]
     device = resolve_device(cfg["device"])
-    index = Gallery.from_parquet(gallery, "cpu")
-    texts, pool_rows, rounds, pids = load_pools(conversations, index.position_of())
+    train_gallery = Gallery.from_parquet(gallery, "cpu")
+    texts, pool_rows, rounds, pids = load_pools(conversations, train_gallery.position_of())
 
     # Query features are fixed: encode each distinct description once, then free the encoder.
     encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
     query_feats, distinct = encoder.encode_texts_once(texts, wcfg["text_batch_size"])  # [R, D]
     del encoder
-    if query_feats.shape[1] != index.feats.shape[1]:
+    if query_feats.shape[1] != train_gallery.feats.shape[1]:
         raise ValueError(f"retriever text dim {query_feats.shape[1]} != gallery dim "
-                         f"{index.feats.shape[1]}")
+                         f"{train_gallery.feats.shape[1]}")
 
-    consistency = pool_order_consistency(query_feats, pool_rows, index.feats,
+    consistency = pool_order_consistency(query_feats, pool_rows, train_gallery.feats,
                                          dcfg["num_candidates"])
     if consistency < 0.99:
         log.warning("the retriever's features reproduce the stored top-%d of only %.1f%% of the "
@@ -380,11 +380,11 @@ def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, o
                     100 * consistency, retriever, conversations)
     heldout = torch.from_numpy(holdout_mask(pids, wcfg["holdout"], seed))
     model, result = train_warmup(
-        query_feats, pool_rows, rounds, index.feats, heldout,
+        query_feats, pool_rows, rounds, train_gallery.feats, heldout,
         pool_size=dcfg["pool_size"], num_candidates=dcfg["num_candidates"],
-        model_cfg=scfg, warmup_cfg=wcfg, seed=seed, device=device,
+        model_cfg=selector_cfg, warmup_cfg=wcfg, seed=seed, device=device,
     )
-    tag = config_hash({"selector": scfg, "dialogue": dcfg, "seed": seed})
+    tag = config_hash({"selector": selector_cfg, "dialogue": dcfg, "seed": seed})
     model.save(out, extra={"stage": "warmup-selector", "config_hash": tag,
                            "retriever": str(retriever), "conversations": str(conversations)})
     result.update({"config_hash": tag, "device": str(device), "distinct_descriptions": distinct,
