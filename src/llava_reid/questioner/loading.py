@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,9 @@ def lora_target_regex(modules: list[str]) -> str:
     return rf".*language_model\..*\.({names})$"
 
 
-def load_base(model: str, cfg: dict[str, Any], device: torch.device) -> Questioner:
-    """The base questioner, 4-bit when asked and possible, else the device's dtype."""
-    qcfg = cfg["questioner"]
+def load_base(model: str, qcfg: Mapping[str, Any], device: torch.device) -> Questioner:
+    """The base questioner, 4-bit when asked and possible, else the device's dtype (``qcfg``:
+    the ``questioner`` section)."""
     if qcfg["load_in_4bit"]:
         if device.type == "cuda":
             try:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from llava_reid.questioner.model import Batch, Questioner
 from llava_reid.questioner.quality import well_formed_fraction
 from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
 from llava_reid.runtime import config_hash
+from llava_reid.stage_views import config_key, typed_view
 from llava_reid.training import (
     BatchPlan,
     ResumableCheckpoint,
@@ -93,21 +96,57 @@ def heldout_report(q: Questioner, held: list[Example], num_candidates: int,
     }
 
 
+@dataclass(frozen=True)
+class SFTSchedule:
+    """What train-questioner reads of ``questioner.sft`` (``gradient_checkpointing`` is read
+    by ``attach_lora``)."""
+
+    epochs: int
+    batch_size: int  # global, split over processes
+    grad_accum: int
+    lr: float
+    warmup_ratio: float  # share of the optimizer updates spent warming up
+    weight_decay: float
+    max_grad_norm: float  # 0 = no clipping
+    checkpoint_every: int  # optimizer steps
+    holdout: float  # share of the conversations held out
+    eval_prompts: int  # held-out prompts answered greedily at the end
+    group_by_length: bool
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Every setting train-questioner reads, built once from its validated config view."""
+
+    seed: int
+    device: str
+    sft: SFTSchedule = config_key("questioner.sft")
+    num_candidates: int = config_key("dialogue.num_candidates")
+    # The questioner section as passed: what its loaders (load_base, attach_lora,
+    # ImageTokens) read.
+    questioner: Mapping[str, Any]
+
+    def tag(self) -> dict[str, Any]:
+        """The settings a resumable checkpoint must match (the config part of its tag)."""
+        return {"questioner": self.questioner,
+                "dialogue": {"num_candidates": self.num_candidates}, "seed": self.seed}
+
+
 def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
         annotations: str, image_root: str, out: str, metrics: str, checkpoints: str) -> None:
-    qcfg, sft, seed = cfg["questioner"], cfg["questioner"]["sft"], cfg["seed"]
-    ncand = cfg["dialogue"]["num_candidates"]
-    accelerator = make_accelerator(cfg["device"], sft["grad_accum"], seed)
+    settings = typed_view(SFTConfig, cfg)
+    qcfg, sft, seed = settings.questioner, settings.sft, settings.seed
+    ncand = settings.num_candidates
+    accelerator = make_accelerator(settings.device, sft.grad_accum, seed)
     device = accelerator.device
 
     examples = load_examples(conversations)
-    train, held = split_holdout(examples, sft["holdout"], seed)
-    q = load_base(model, cfg, device)
+    train, held = split_holdout(examples, sft.holdout, seed)
+    q = load_base(model, qcfg, device)
     tokens = ImageTokens.for_training(q, qcfg, visual_tokens, annotations, image_root)
 
     ckpt = ResumableCheckpoint(checkpoints, config_hash(
-        {"questioner": qcfg, "dialogue": cfg["dialogue"], "seed": seed, "model": model,
-         "data": conversations,
+        {**settings.tag(), "model": model, "data": conversations,
          "inputs": inputs_fingerprint(model, conversations, visual_tokens, annotations)}))
     state = ckpt.load_state()
     if state:
@@ -118,19 +157,19 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
     log.info("trainable parameters: %.2f M of %.2f M", sum(p.numel() for p in trainable) / 1e6,
              sum(p.numel() for p in q.net.parameters()) / 1e6)
 
-    plan = BatchPlan.make(len(train), sft["batch_size"], accelerator.num_processes,
+    plan = BatchPlan.make(len(train), sft.batch_size, accelerator.num_processes,
                           accelerator.process_index, conversations)
-    updates_per_epoch = max(1, plan.steps // sft["grad_accum"])
-    total_updates = updates_per_epoch * sft["epochs"]
-    optimizer = torch.optim.AdamW(trainable, lr=sft["lr"], weight_decay=sft["weight_decay"])
+    updates_per_epoch = max(1, plan.steps // sft.grad_accum)
+    total_updates = updates_per_epoch * sft.epochs
+    optimizer = torch.optim.AdamW(trainable, lr=sft.lr, weight_decay=sft.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_updates, int(sft["warmup_ratio"] * total_updates)))
+        optimizer, warmup_cosine(total_updates, int(sft.warmup_ratio * total_updates)))
     loop = TrainingLoop(
         "train-questioner", accelerator, SFTLoss(q), optimizer, scheduler, ckpt, state,
-        lambda tmp: q.net.save_pretrained(tmp / "adapter"), plan, epochs=sft["epochs"],
+        lambda tmp: q.net.save_pretrained(tmp / "adapter"), plan, epochs=sft.epochs,
         seed=seed,
-        lengths=[e.text_length() for e in train] if sft["group_by_length"] else None,
-        checkpoint_every=sft["checkpoint_every"], max_grad_norm=sft["max_grad_norm"],
+        lengths=[e.text_length() for e in train] if sft.group_by_length else None,
+        checkpoint_every=sft.checkpoint_every, max_grad_norm=sft.max_grad_norm,
         clip_params=trainable)
 
     def step(module, idx: list[int], epoch: int, s: int):
@@ -141,8 +180,8 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
 
     def write_outputs() -> None:
         q.net.eval()
-        report = heldout_report(q, held, ncand, tokens, sft["batch_size"],
-                                sft["eval_prompts"])
+        report = heldout_report(q, held, ncand, tokens, sft.batch_size,
+                                sft.eval_prompts)
         losses = [h["loss"] for h in state["history"]]
         window = max(1, min(20, len(losses) // 10))
         result = {

@@ -19,8 +19,11 @@ checkpoints like the SFT stage. Output: ``joint/adapter/`` and ``joint/selector.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ from llava_reid.selector.sampler import (
     temperature_at,
     topk_positions,
 )
+from llava_reid.stage_views import config_key, typed_view
 from llava_reid.training import (
     BatchPlan,
     ResumableCheckpoint,
@@ -52,6 +56,45 @@ from llava_reid.training import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JointSchedule:
+    """The ``joint`` section: how long and how fast the selector and the adapter train."""
+
+    epochs: int
+    batch_size: int  # global, split over processes
+    grad_accum: int
+    lr: float  # the adapter's
+    selector_lr: float
+    temperature_start: float  # Gumbel top-k temperature, annealed linearly to temperature_end
+    temperature_end: float
+    max_grad_norm: float  # 0 = no clipping
+    checkpoint_every: int  # optimizer steps
+    group_by_length: bool
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """Every setting train-joint reads, built once from its validated config view."""
+
+    seed: int
+    device: str
+    schedule: JointSchedule = config_key("joint")
+    pool_size: int = config_key("dialogue.pool_size")
+    num_candidates: int = config_key("dialogue.num_candidates")
+    holdout: float = config_key("questioner.sft.holdout")  # the SFT stage's held-out share
+    text_batch_size: int = config_key("features.batch_size")
+    # The questioner section as passed: what its loaders (load_base, attach_lora,
+    # ImageTokens) read.
+    questioner: Mapping[str, Any]
+
+    def tag(self) -> dict[str, Any]:
+        """The settings a resumable checkpoint must match (the config part of its tag)."""
+        return {"questioner": self.questioner, "joint": dataclasses.asdict(self.schedule),
+                "dialogue": {"pool_size": self.pool_size,
+                             "num_candidates": self.num_candidates},
+                "seed": self.seed}
 
 
 class JointLoss(nn.Module):
@@ -117,27 +160,28 @@ def query_features(retriever: str, device_pref: str, examples: list[Example],
 def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversations: str,
         gallery: str, retriever: str, visual_tokens: str, annotations: str, image_root: str,
         out_adapter: str, out_selector: str, metrics: str, checkpoints: str) -> None:
-    qcfg, jcfg, dcfg, seed = cfg["questioner"], cfg["joint"], cfg["dialogue"], cfg["seed"]
-    accelerator = make_accelerator(cfg["device"], jcfg["grad_accum"], seed)
+    settings = typed_view(JointConfig, cfg)
+    schedule, qcfg, seed = settings.schedule, settings.questioner, settings.seed
+    accelerator = make_accelerator(settings.device, schedule.grad_accum, seed)
     device = accelerator.device
 
     table = read_table(conversations, "conversations", columns=["example_id", "description"])
     descriptions = dict(zip(table.column("example_id").to_pylist(),
                             table.column("description").to_pylist(), strict=True))
-    examples, held = split_holdout(load_examples(conversations), qcfg["sft"]["holdout"], seed)
-    query_feats = query_features(retriever, cfg["device"], examples, descriptions,
-                                 cfg["features"]["batch_size"])
+    examples, held = split_holdout(load_examples(conversations), settings.holdout, seed)
+    query_feats = query_features(retriever, settings.device, examples, descriptions,
+                                 settings.text_batch_size)
     train_gallery = Gallery.from_parquet(gallery, device)
     position = train_gallery.position_of()
     pools = torch.tensor([[position[i] for i in e.pool] for e in examples], dtype=torch.long)
     rounds = torch.tensor([e.round for e in examples], dtype=torch.long)
 
-    q = load_base(model, cfg, device)
+    q = load_base(model, qcfg, device)
     tokens = ImageTokens.for_training(q, qcfg, visual_tokens, annotations, image_root)
 
     ckpt = ResumableCheckpoint(checkpoints, config_hash(
-        {"questioner": qcfg, "joint": jcfg, "dialogue": dcfg, "seed": seed, "model": model,
-         "adapter": adapter, "selector": selector, "data": conversations,
+        {**settings.tag(), "model": model, "adapter": adapter, "selector": selector,
+         "data": conversations,
          "inputs": inputs_fingerprint(model, adapter, selector, conversations, gallery,
                                       retriever, visual_tokens, annotations)}))
     state = ckpt.load_state()
@@ -150,18 +194,18 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
         sel = Selector.load(selector, device)
     sel.train()
     module = JointLoss(q, sel, train_gallery.feats, train_gallery.image_idx, tokens,
-                       dcfg["pool_size"], dcfg["num_candidates"])
+                       settings.pool_size, settings.num_candidates)
     lora_params = [p for p in q.net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
-        {"params": lora_params, "lr": jcfg["lr"]},
-        {"params": list(sel.parameters()), "lr": jcfg["selector_lr"]},
+        {"params": lora_params, "lr": schedule.lr},
+        {"params": list(sel.parameters()), "lr": schedule.selector_lr},
     ], weight_decay=0.0)
 
-    plan = BatchPlan.make(len(examples), jcfg["batch_size"], accelerator.num_processes,
+    plan = BatchPlan.make(len(examples), schedule.batch_size, accelerator.num_processes,
                           accelerator.process_index, conversations)
-    total_steps = plan.steps * jcfg["epochs"]
+    total_steps = plan.steps * schedule.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        max(1, total_steps // jcfg["grad_accum"]), 0))
+        max(1, total_steps // schedule.grad_accum), 0))
 
     def save_models(tmp: Path) -> None:
         q.net.save_pretrained(tmp / "adapter")
@@ -169,15 +213,15 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
 
     loop = TrainingLoop(
         "train-joint", accelerator, module, optimizer, scheduler, ckpt, state, save_models, plan,
-        epochs=jcfg["epochs"], seed=seed,
-        lengths=[e.text_length() for e in examples] if jcfg["group_by_length"] else None,
-        checkpoint_every=jcfg["checkpoint_every"], max_grad_norm=jcfg["max_grad_norm"],
+        epochs=schedule.epochs, seed=seed,
+        lengths=[e.text_length() for e in examples] if schedule.group_by_length else None,
+        checkpoint_every=schedule.checkpoint_every, max_grad_norm=schedule.max_grad_norm,
         clip_params=lora_params + list(sel.parameters()))
 
     def step(wrapped, idx: list[int], epoch: int, s: int):
         global_step = (epoch - 1) * plan.steps + s
-        tau = temperature_at(global_step, total_steps, jcfg["temperature_start"],
-                             jcfg["temperature_end"])
+        tau = temperature_at(global_step, total_steps, schedule.temperature_start,
+                             schedule.temperature_end)
         gen = torch.Generator().manual_seed(derived_seed(seed, epoch, s, plan.rank, 11))
         loss = wrapped([examples[i] for i in idx], query_feats[idx].to(device),
                        pools[idx].to(device), rounds[idx].to(device), tau, gen)
