@@ -2,9 +2,10 @@
 
 On a cluster the evaluate job holds its GPUs; rather than asking the user to run a server by
 hand, the job launches ``python -m sglang.launch_server`` on one of its GPUs, waits for
-``/health``, talks to it through ``OpenAIAnswerer`` and stops it at the end. The server gets its own process group (so stopping it also stops its scheduler and
-detokenizer workers), a log file, a random API key unless one is configured, and is stopped at
-interpreter exit if nobody called ``close()``.
+``/health``, talks to it through ``OpenAIAnswerer`` and stops it at the end. The server gets
+its own process group (so stopping it also stops its scheduler and detokenizer workers), a log
+file, a random API key unless one is configured, and is stopped at interpreter exit if nobody
+called ``close()``.
 
 The server is launched when the answerer is built but waited for only at the first question, so
 loading the questioner and loading the answerer model overlap.
