@@ -53,10 +53,11 @@ def interleaved(fns: dict[str, callable], rounds: int) -> dict[str, float]:
 
 
 def sft_steps(run: Path, cfg: dict, rounds: int) -> dict:
+    from llava_reid.questioner.loading import ImageTokens, attach_lora, load_base
     from llava_reid.questioner.sft_data import load_examples
-    from llava_reid.questioner.train import ImageTokens, attach_lora, load_base, make_batch
+    from llava_reid.questioner.train import make_batch
 
-    q = load_base(str(run / "models/questioner_tiny"), cfg, torch.device("cpu"))
+    q = load_base(str(run / "models/questioner_tiny"), cfg["questioner"], torch.device("cpu"))
     tokens = ImageTokens.for_training(q, cfg["questioner"],
                                       str(run / "questioner/visual_tokens/train.safetensors"),
                                       None, None)

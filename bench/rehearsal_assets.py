@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CLIP_B16_TEXT, CLIP_B16_VISION, QWEN2_7B, SIGLIP_SO400M, bench_tokenizer  # noqa: E402
 
+from llava_reid.data import attributes as A  # noqa: E402
 from llava_reid.data import synthetic  # noqa: E402
 from llava_reid.retriever.init import SPECIAL_TOKENS as CLIP_SPECIAL_TOKENS  # noqa: E402
 from llava_reid.tokenization import train_bpe_tokenizer  # noqa: E402
@@ -68,8 +69,8 @@ def build_data(out: Path, seed: int, identities: dict[str, int] | None = None) -
     folder = out / "data"
     if (folder / "annotations.json").exists():
         return folder
-    scfg = {**DATA, "identities": identities or DATA["identities"]}
-    synthetic.run({"seed": seed, "data": {"synthetic": scfg}}, str(folder))
+    synthetic_cfg = {**DATA, "identities": identities or DATA["identities"]}
+    synthetic.run({"seed": seed, "data": {"synthetic": synthetic_cfg}}, str(folder))
     return folder
 
 
@@ -77,8 +78,6 @@ def text_corpus(n: int = 600, seed: int = 0) -> list[str]:
     """Text of the kind the data set holds (descriptions, questions, answers), drawn from the
     synthetic generator's attribute model: the CLIP stand-in tokenizer is trained on it."""
     import numpy as np
-
-    from llava_reid.data import attributes as A
 
     rng = np.random.default_rng(seed)
     corpus = []

@@ -23,6 +23,8 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+from llava_reid.stage_views import METHODS
+
 # The full data set. Paper: 54,749 images, 13,051 identities; per-split counts are not in our
 # sources. Test queries: 11,000-14,000 (bench/RESULTS.md, from the original's 5 h evaluation);
 # the rest is training. No separate validation split is assumed beyond 1,000 images.
@@ -187,7 +189,7 @@ def estimate(root: Path, jobs: dict) -> tuple[dict, dict]:
         put("prepare_data", j["seconds"] - j["stage_seconds"] + j["stage_seconds"] * ratio,
             f"start-up + whole stage ({j['stage_seconds']:.0f} s, model load included) x "
             f"{ratio:.0f} (train images)")
-    for method in ("initial", "random", "oracle", "questioner", "selector"):
+    for method in METHODS:
         chunk_jobs = [k for k in jobs if k.startswith(f"evaluate_{method}_")]
         if not chunk_jobs:
             continue

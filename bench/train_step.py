@@ -27,8 +27,8 @@ from common import (
     write_results,
 )
 
+from llava_reid.questioner.loading import attach_lora
 from llava_reid.questioner.prompts import build_prompt
-from llava_reid.questioner.train import attach_lora
 
 
 def questioner_step(dev, batch: int) -> dict:

@@ -2,10 +2,10 @@ import json
 import os
 from types import SimpleNamespace
 
+from llava_reid.data import SPLITS
 from llava_reid.stage_views import QUESTIONER_METHODS, stage_view_json
 
 RESULTS = f"{config['results']}/{config['run']}"
-SPLITS = ["train", "val", "test"]
 
 
 def out(path):
@@ -284,7 +284,7 @@ def transfer_run():
 
 def feature_splits():
     """The splits whose features a run needs: a transfer run evaluates the test split only."""
-    return ["test"] if transfer_run() else SPLITS
+    return ["test"] if transfer_run() else list(SPLITS)
 
 
 def check_transfer_config():

@@ -23,6 +23,18 @@ def base_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())
 
 
+def answerer_config(**changes) -> dict:
+    """config.yaml's ``answerer`` section (what a validated config holds) with ``changes``: a
+    top-level key replaced, or a sub-section (``openai``, ``sglang``, ``annotated``) updated."""
+    acfg = copy.deepcopy(base_config()["answerer"])
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(acfg.get(key), dict):
+            acfg[key].update(value)
+        else:
+            acfg[key] = value
+    return acfg
+
+
 def small_config() -> dict:
     """The embedded default shrunk so a whole stage takes seconds."""
     cfg = copy.deepcopy(base_config())

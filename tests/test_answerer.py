@@ -313,12 +313,12 @@ def test_build_answerer_annotated(monkeypatch, encoder):
     default = build_answerer(DEFAULT_ACFG)
     assert isinstance(default, Answerer) and default.name == "annotated:all-MiniLM-L6-v2:t=0.55"
     assert default.answer([req("x", "What color are his shoes?")]) == [ANNOTATED_A[0]]
-    a = build_answerer({"kind": "annotated", "idk_min_question_chars": 3,
+    a = build_answerer({**DEFAULT_ACFG, "idk_min_question_chars": 3,
                         "annotated": {"encoder": None, "threshold": 0.6}})
     assert a.name == "annotated:all-MiniLM-L6-v2:t=0.6"
     assert a.answer([req("x", "Shoes?")]) == [ANNOTATED_A[0]]  # 6 chars >= 3: asked
     with pytest.raises(ValueError, match="unknown answerer.kind"):
-        build_answerer({"kind": "oracle"})
+        build_answerer({**DEFAULT_ACFG, "kind": "oracle"})
 
 
 # =========================================================================================
@@ -430,7 +430,7 @@ def test_openai_timeout_is_reported(standin):
 
 def test_build_answerer_openai(standin, tmp_path):
     srv = standin()
-    cfg = {"kind": "openai", "idk_min_question_chars": 15,
+    cfg = {**DEFAULT_ACFG, "kind": "openai",
            "openai": {"base_url": srv.base_url, "model": "witness-model",
                       "api_key_env": "LLAVA_REID_TEST_UNSET_KEY", "max_concurrency": 4,
                       "timeout_s": 10, "max_retries": 1, "temperature": 0.7, "top_p": 0.9,
@@ -443,7 +443,8 @@ def test_build_answerer_openai(standin, tmp_path):
                                                                                       16)
     a.close()
     with pytest.raises(ValueError, match="base_url"):
-        build_answerer({"kind": "openai", "openai": {"model": "m"}})
+        build_answerer({**DEFAULT_ACFG, "kind": "openai",
+                        "openai": {**DEFAULT_ACFG["openai"], "model": "m"}})
     # kind sglang with a base_url talks to that server and starts nothing
     existing = build_answerer({**DEFAULT_ACFG, "kind": "sglang",
                                "openai": {**DEFAULT_ACFG["openai"], "base_url": srv.base_url,
@@ -808,8 +809,8 @@ def test_sglang_launch_health_answer_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(sglang_mod, "SGLANG_LAUNCHER", tuple(STANDIN))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     monkeypatch.delenv("LLAVA_REID_ANSWERER_API_KEY", raising=False)
-    cfg = {"kind": "sglang", "idk_min_question_chars": 15,
-           "openai": {"base_url": None, "model": None, "max_concurrency": 4, "max_retries": 1},
+    cfg = {**DEFAULT_ACFG, "kind": "sglang",
+           "openai": {**DEFAULT_ACFG["openai"], "max_concurrency": 4, "max_retries": 1},
            "sglang": {"model_path": "/models/Qwen2.5-7B-Instruct", "port": 0, "gpu": 1,
                       "mem_fraction_static": 0.7, "startup_timeout_s": 60,
                       "extra_args": ["--spawn-worker"]}}

@@ -5,7 +5,8 @@ import json
 import pytest
 import yaml
 
-from llava_reid.config import ConfigError, load_config
+from llava_reid.config import ConfigError, load_config, load_schema
+from llava_reid.stage_views import METHODS
 from tests.conftest import REPO
 
 
@@ -60,3 +61,8 @@ def test_inline_views_are_checked_key_by_key_files_section_by_section(tmp_path):
     path.write_text(yaml.safe_dump({"seed": 1, "questioner": {"pool_ratio": 2}}))
     with pytest.raises(ConfigError, match=r"questioner: 'pretrained' is a required property"):
         load_config(str(path))
+
+
+def test_the_schema_allows_exactly_the_methods_the_code_knows():
+    methods = load_schema()["properties"]["evaluate"]["properties"]["methods"]
+    assert tuple(methods["items"]["enum"]) == METHODS

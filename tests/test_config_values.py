@@ -11,15 +11,15 @@ from tests.conftest import base_config, small_config
 
 
 def test_questions_per_image_is_a_maximum():
-    scfg = small_config()["data"]["synthetic"]
-    open_slots = {len(A.SLOTS) - len(A.slots_of(f)) for f in scfg["initial_facts"]}
+    synthetic_cfg = small_config()["data"]["synthetic"]
+    open_slots = {len(A.SLOTS) - len(A.slots_of(f)) for f in synthetic_cfg["initial_facts"]}
     assert open_slots == {7} and base_config()["data"]["synthetic"]["questions_per_image"] == 7
-    records, _ = plan_dataset(scfg, 1234)
+    records, _ = plan_dataset(synthetic_cfg, 1234)
     assert {len(r["questions"]) for r in records} == {7}
-    more = copy.deepcopy(scfg)
+    more = copy.deepcopy(synthetic_cfg)
     more["questions_per_image"] = 9  # cannot be reached: the same records
     assert plan_dataset(more, 1234)[0] == records
-    fewer = copy.deepcopy(scfg)
+    fewer = copy.deepcopy(synthetic_cfg)
     fewer["questions_per_image"] = 4
     assert {len(r["questions"]) for r in plan_dataset(fewer, 1234)[0]} == {4}
 

@@ -26,8 +26,8 @@ import yaml
 from llava_reid.artifacts import read_metadata, read_table
 from llava_reid.interact.askers import Dialogue, RoundContext
 from llava_reid.interact.engine import advance
-from llava_reid.interact.gallery import Gallery
 from llava_reid.interact.merge import round_metrics
+from llava_reid.retriever.gallery import Gallery
 from tests.conftest import REPO, small_config
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

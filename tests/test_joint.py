@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from llava_reid.questioner.loading import ImageTokens, attach_lora
 from llava_reid.questioner.sft_data import Example
-from llava_reid.questioner.train import ImageTokens, attach_lora
 from llava_reid.selector.joint import JointLoss
 from llava_reid.selector.model import Selector
 from tests.test_questioner import QCFG, _images, questioner, tiny_folder  # noqa: F401
@@ -29,8 +29,8 @@ def _joint(q, straight_through: bool):
     feats = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
     selector = Selector(16, layers=1, heads=2, ffn=32, dropout=0.0)
     module = JointLoss(q, selector, feats, torch.arange(100, 108),
-                       ImageTokens(q, _Cache(tokens), {}), pool_size=8, num_candidates=3)
-    module.straight_through = straight_through
+                       ImageTokens(q, _Cache(tokens), {}), pool_size=8, num_candidates=3,
+                       straight_through=straight_through)
     examples = [Example(i, 100 + i, 0, (0, "I saw a man.", (), ()), "Was he carrying a bag?",
                         tuple(range(100, 108))) for i in range(2)]
     pools = torch.arange(8).repeat(2, 1)

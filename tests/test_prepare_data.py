@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from llava_reid.interact.gallery import Gallery
 from llava_reid.interact.prepare_data import (
     build_conversations,
     oracle_recall_per_round,
     plan_dialogues,
 )
+from llava_reid.retriever.gallery import Gallery
 
 WORDS = ["red", "blue", "shoes", "bag", "hat", "glasses", "jeans", "skirt"]
 

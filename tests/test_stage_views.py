@@ -8,21 +8,28 @@ that reads a key its view lacks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
 
+from llava_reid.questioner.train import SFTConfig
+from llava_reid.retriever.train import RetrieverTrainingConfig
+from llava_reid.runtime import config_hash
+from llava_reid.selector.joint import JointConfig
 from llava_reid.stage_views import (
     STAGE_KEYS,
     ConfigKeyNotPassed,
     StageConfig,
     cut_view,
     stage_keys,
+    typed_view,
 )
 from tests.conftest import REPO, base_config, llava_reid, small_config
 
@@ -167,6 +174,39 @@ def test_a_stage_reading_a_key_it_was_not_passed_fails_loudly():
     # A section passed whole is a plain mapping; the view still serialises as the rule sent it.
     assert type(view["prepare"]) is dict
     assert json.loads(json.dumps(view)) == cut_view(cfg, stage_keys("prepare-data"))
+
+
+TYPED_VIEWS = {"train-joint": JointConfig, "train-questioner": SFTConfig,
+               "train-retriever": RetrieverTrainingConfig}
+
+
+@pytest.mark.parametrize("stage", sorted(TYPED_VIEWS))
+def test_a_typed_view_is_built_from_the_stage_view_alone(stage):
+    cfg = base_config()
+    view = StageConfig.wrap(cut_view(cfg, stage_keys(stage)), stage)
+    settings = typed_view(TYPED_VIEWS[stage], view)
+    assert (settings.seed, settings.device) == (cfg["seed"], cfg["device"])
+    # The schema is the one source of defaults: no field of a view declares one.
+    views = [TYPED_VIEWS[stage]]
+    while views:
+        cls = views.pop()
+        for field in dataclasses.fields(cls):
+            assert field.default is dataclasses.MISSING, (cls.__name__, field.name)
+            assert field.default_factory is dataclasses.MISSING, (cls.__name__, field.name)
+            views += [t for t in [typing.get_type_hints(cls)[field.name]]
+                      if dataclasses.is_dataclass(t)]
+    # The checkpoint tag is the hash of the sections the stage was passed, as before views.
+    if hasattr(settings, "tag"):
+        sections = {k: view[k] for k in ("questioner", "joint", "dialogue", "seed") if k in view}
+        assert config_hash(settings.tag()) == config_hash(sections)
+
+
+def test_a_typed_view_of_a_key_the_rule_does_not_pass_fails_loudly():
+    # train-questioner's rule passes no ``joint`` section: the joint view cannot be built.
+    view = StageConfig.wrap(cut_view(base_config(), stage_keys("train-questioner")),
+                            "train-questioner")
+    with pytest.raises(ConfigKeyNotPassed, match="'joint'"):
+        typed_view(JointConfig, view)
 
 
 def test_the_cli_refuses_a_stage_that_reads_more_than_its_view(tmp_path, monkeypatch):

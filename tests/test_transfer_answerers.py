@@ -17,6 +17,7 @@ from llava_reid.data import attributes as A
 from llava_reid.data.annotations import read_annotations
 from llava_reid.data.caption_datasets import load_caption_dataset
 from llava_reid.interact.query import clean_answer
+from tests.conftest import answerer_config
 
 
 def test_question_slot_reads_every_annotated_question_style():
@@ -45,7 +46,7 @@ def test_rendered_answerer_states_what_was_drawn(small_dataset, tmp_path):
     root = small_dataset["root"]
     rows = read_annotations(small_dataset["annotations"], split="test")
     images = TargetImages(small_dataset["annotations"], root)
-    answerer = build_answerer({"kind": "rendered"}, images=images)
+    answerer = build_answerer(answerer_config(kind="rendered"), images=images)
     reqs = _requests(rows)
     got = answerer.answer(reqs)
     want = [a for row in rows.itertuples() for a in row.answers]
@@ -62,15 +63,15 @@ def test_rendered_answerer_knows_only_rendered_images(small_dataset, tmp_path):
 
     other = tmp_path / "elsewhere.png"
     Image.new("RGB", (8, 8)).save(other)
-    answerer = build_answerer({"kind": "rendered"}, images=TargetImages.from_paths({7: other}))
+    answerer = build_answerer(answerer_config(kind="rendered"), images=TargetImages.from_paths({7: other}))
     with pytest.raises(AnswererError, match="no drawn.json in any folder above it"):
         answerer.answer([AnswerRequest("1", 7, "What colour were his shoes?", "", (), ())])
     with pytest.raises(AnswererError, match="target image 8 is not in the annotations"):
         answerer.answer([AnswerRequest("1", 8, "What colour were his shoes?", "", (), ())])
     with pytest.raises(ValueError, match="no image root was given"):
-        build_answerer({"kind": "rendered"})
+        build_answerer(answerer_config(kind="rendered"))
     with pytest.raises(ValueError, match="kind 'annotated' answers from the annotations"):
-        build_answerer({"kind": "annotated", "input": "image"}, images=TargetImages.from_paths({}))
+        build_answerer(answerer_config(kind="annotated", input="image"), images=TargetImages.from_paths({}))
 
 
 def test_synthetic_test_split_in_rstpreid_layout(small_dataset):

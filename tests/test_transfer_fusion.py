@@ -14,9 +14,9 @@ import torch
 from llava_reid.artifacts import write_table
 from llava_reid.interact import merge
 from llava_reid.interact.fusion import AuxiliarySimilarity, AuxiliarySimilarityError, export
-from llava_reid.interact.gallery import Gallery
 from llava_reid.report.plots import load_metrics
 from llava_reid.retriever.features import embedding_column
+from llava_reid.retriever.gallery import Gallery
 
 # Gallery: 3 images (image_idx 10, 11, 12 of identities 1, 2, 3); queries 0, 1 (caption ids).
 GALLERY_FEATS = np.eye(3, 4, dtype=np.float32)

@@ -21,6 +21,7 @@ from llava_reid.answerer.visual import (
     build_visual_messages,
     data_url,
 )
+from tests.conftest import answerer_config
 from tests.test_answerer import AuthProxy, TransformersServe
 
 QUESTION = "What colour were his shoes?"
@@ -156,9 +157,9 @@ def test_image_reaches_the_model(vlm_server, tiny_vlm, two_images, monkeypatch):
 def test_visual_answerer_through_build_answerer_with_cache(vlm_server, tiny_vlm, two_images,
                                                            tmp_path):
     vlm_server.ensure_running()
-    acfg = {"kind": "openai", "input": "image",
-            "openai": {"base_url": vlm_server.base_url, "model": str(tiny_vlm),
-                       "api_key_env": None, "max_tokens": 8}}
+    acfg = answerer_config(kind="openai", input="image",
+                           openai={"base_url": vlm_server.base_url, "model": str(tiny_vlm),
+                                   "max_tokens": 8})
     cache = tmp_path / "answers.parquet"
     # Queries 0 and 2 are two captions of image 1: one question to the server between them.
     reqs = [AnswerRequest(f"{q}:0", t, QUESTION, "", (), ()) for q, t in enumerate((1, 2, 1))]
@@ -170,7 +171,8 @@ def test_visual_answerer_through_build_answerer_with_cache(vlm_server, tiny_vlm,
     assert again.answer(reqs) == [got[0], got[1], got[0]]
     assert again.inner.requests_sent == 0  # every (target image, question) came from the cache
     # kind sglang pointed at a running image-model server starts nothing and sends the image.
-    sg = build_answerer({**acfg, "kind": "sglang", "sglang": {"model_path": str(tiny_vlm)}},
+    sg = build_answerer({**acfg, "kind": "sglang",
+                         "sglang": {**acfg["sglang"], "model_path": str(tiny_vlm)}},
                         images=two_images)
     assert sg.server is None and sg.name == f"sglang-visual:{tiny_vlm.name}"
     assert sg.answer(reqs[:2]) == got

@@ -20,11 +20,12 @@ import pytest
 import yaml
 
 from llava_reid.artifacts import read_metadata
+from llava_reid.stage_views import METHODS
 from tests.conftest import REPO, llava_reid, small_config
 
 pytestmark = pytest.mark.workflow
 
-METHODS = ["initial", "random", "oracle", "questioner", "selector"]
+METHODS = list(METHODS)
 
 
 def _snakemake(work: Path, cfg_file: Path, *args: str, check: bool = True):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from llava_reid import __version__
 from llava_reid.config import load_config
 from llava_reid.runtime import setup_logging
-from llava_reid.stage_views import STAGE_KEYS, StageConfig
+from llava_reid.stage_views import METHODS, STAGE_KEYS, StageConfig
 from llava_reid.usage import StageUsage
 
 # subcommand -> (module, function, help, [(flag, kwargs), ...])
@@ -337,7 +337,7 @@ FLAG_HELP = {
 }
 FLAG_CHOICES = {
     "--split": ("train", "val", "test"),
-    "--method": ("initial", "random", "oracle", "questioner", "selector"),
+    "--method": METHODS,
 }
 
 

@@ -4,13 +4,18 @@ A rule passes its stage exactly these keys (plus ``seed`` and ``device``) as the
 so Snakemake reruns a stage when, and only when, a key it reads changes. The CLI wraps an
 inline view in :class:`StageConfig`, so a stage that reads a key its rule does not pass fails
 at once, naming the key, instead of silently depending on a key whose edits would not rerun it.
+
+A stage then reads its slice once, into a frozen dataclass (:func:`typed_view`), and passes
+that on: its settings have names and types, and the schema stays their one source of defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable
-from typing import Any
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 # Always passed: every stage is seeded and placed on a device.
 COMMON_KEYS = ("seed", "device")
@@ -21,7 +26,9 @@ QUESTIONER_INPUT = ("questioner.pool_ratio", "questioner.image_mean", "questione
 QUESTIONER_TRAINING = (*QUESTIONER_INPUT, "questioner.load_in_4bit", "questioner.train_projector",
                        "questioner.lora", "questioner.sft")
 
-# Evaluation methods that run the questioner (the others are baselines).
+# The evaluation methods (the schema's evaluate.methods enum), and those that run the
+# questioner (the others are baselines).
+METHODS = ("initial", "random", "oracle", "questioner", "selector")
 QUESTIONER_METHODS = ("questioner", "selector")
 
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -146,3 +153,34 @@ class StageConfig(dict):
     def __contains__(self, key: object) -> bool:
         # "Was I passed this?" is a fair question: an unpassed key is simply absent.
         return key in self._passed and super().__contains__(key)
+
+
+View = TypeVar("View")
+
+
+def config_key(path: str) -> Any:
+    """A typed-view field read from the dotted config ``path`` instead of from the key of its
+    own name in the section being read (no default: every value comes from the config)."""
+    return dataclasses.field(metadata={"key": path})
+
+
+def typed_view(cls: type[View], section: Mapping[str, Any]) -> View:
+    """The frozen dataclass ``cls`` filled from a validated config ``section``.
+
+    Each field reads the key of its name, or the dotted path given by :func:`config_key`; a
+    field whose type is itself a dataclass is filled from the sub-section it names. Reads go
+    through the mapping given, so from a :class:`StageConfig` a key the rule does not pass
+    fails here, at once, naming the key. The dataclasses declare no defaults: the schema and
+    config.yaml hold them, and the validated config carries them.
+    """
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        value: Any = section
+        for name in field.metadata.get("key", field.name).split("."):
+            value = value[name]
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            value = typed_view(kind, value)
+        values[field.name] = value
+    return cls(**values)

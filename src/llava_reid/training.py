@@ -79,8 +79,7 @@ def epoch_shard(n: int, epoch: int, seed: int, world: int, rank: int, per_proces
     With ``lengths``, batches hold items of similar length: the permutation is cut into groups
     of ``group`` global batches, each group is sorted by length and cut into batches, and the
     batch order is shuffled (seeded). Right-padding to a batch's longest row then wastes little
-    (a random batch of the embedded default's SFT data is ~17 % padding) while batches still
-    mix items from across the data set."""
+    while batches still mix items from across the data set."""
     global_batch = per_process * world
     steps = n // global_batch
     order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))

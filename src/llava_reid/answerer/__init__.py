@@ -25,6 +25,7 @@ from llava_reid.answerer.base import (
     Answerer,
     AnswererError,
     AnswerRequest,
+    request_settings,
 )
 
 __all__ = [
@@ -46,14 +47,15 @@ def looks_at_image(acfg: dict[str, Any]) -> bool:
 
 def build_answerer(acfg: dict[str, Any], cache_path: str | None = None, seed: int = 0,
                    images: Any = None) -> Answerer:
-    """The answerer described by the config section ``answerer`` (see the workflow schema).
+    """The answerer described by the config section ``answerer``, validated: every key the
+    workflow schema requires is present (the schema and config.yaml hold the defaults).
 
     ``images`` (a ``visual.TargetImages``) is needed when the answerer looks at the target
     image. Heavy imports (torch, transformers) happen only for the kind that needs them.
     """
-    kind = acfg.get("kind", "annotated")
-    min_chars = int(acfg.get("idk_min_question_chars", 15))
-    ocfg = dict(acfg.get("openai") or {})
+    kind = acfg["kind"]
+    min_chars = int(acfg["idk_min_question_chars"])
+    ocfg = acfg["openai"]
     visual = looks_at_image(acfg)
     if visual and images is None:
         raise ValueError(f"answerer kind {kind!r} with input 'image' answers from the target "
@@ -63,35 +65,29 @@ def build_answerer(acfg: dict[str, Any], cache_path: str | None = None, seed: in
                          "answerer.input 'image' use kind openai, sglang or rendered")
     inner: Answerer
     if kind == "annotated":
-        from llava_reid.answerer.annotated import DEFAULT_THRESHOLD, AnnotatedAnswerer
+        from llava_reid.answerer.annotated import AnnotatedAnswerer
 
-        ann = acfg.get("annotated") or {}
-        threshold = ann.get("threshold")
-        inner = AnnotatedAnswerer(ann.get("encoder"),
-                                  threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        ann = acfg["annotated"]
+        inner = AnnotatedAnswerer(ann["encoder"], threshold=ann["threshold"],
                                   idk_min_question_chars=min_chars)
     elif kind == "rendered":
         from llava_reid.answerer.rendered import RenderedAnswerer
 
         inner = RenderedAnswerer(images, idk_min_question_chars=min_chars)
     elif kind == "openai":
-        from llava_reid.answerer.openai_compat import DEFAULT_API_KEY_ENV, OpenAIAnswerer
+        from llava_reid.answerer.openai_compat import OpenAIAnswerer
         from llava_reid.answerer.visual import VisualOpenAIAnswerer
 
         client, extra = (VisualOpenAIAnswerer, {"images": images}) if visual else (
             OpenAIAnswerer, {})
         inner = client(
-            ocfg.get("base_url"), ocfg.get("model"), **extra,
-            api_key_env=ocfg.get("api_key_env") or DEFAULT_API_KEY_ENV,
-            max_concurrency=ocfg.get("max_concurrency", 32), timeout_s=ocfg.get("timeout_s", 60),
-            max_retries=ocfg.get("max_retries", 4), temperature=ocfg.get("temperature", 0.0),
-            top_p=ocfg.get("top_p", 1.0), max_tokens=ocfg.get("max_tokens", 48),
-            idk_min_question_chars=min_chars, seed=seed)
+            ocfg["base_url"], ocfg["model"], **extra, api_key_env=ocfg["api_key_env"],
+            **request_settings(ocfg), idk_min_question_chars=min_chars, seed=seed)
     elif kind == "sglang":
         from llava_reid.answerer.sglang import SGLangAnswerer
 
         log_path = Path(cache_path).with_suffix(".sglang-server.log") if cache_path else None
-        inner = SGLangAnswerer(acfg.get("sglang") or {}, ocfg, idk_min_question_chars=min_chars,
+        inner = SGLangAnswerer(acfg["sglang"], ocfg, idk_min_question_chars=min_chars,
                                seed=seed, log_path=log_path, images=images if visual else None)
     else:
         raise ValueError(f"unknown answerer.kind {kind!r}; expected one of {KINDS}")

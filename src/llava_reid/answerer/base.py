@@ -8,9 +8,9 @@ needs to know which witness it talks to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 IDK = "I don't know."
 """The answer a witness gives when it cannot (or should not) answer."""
@@ -68,3 +68,10 @@ def check_unique_ids(requests: Sequence[AnswerRequest]) -> None:
         if r.request_id in seen:
             raise ValueError(f"duplicate request_id {r.request_id!r} in one answer() call")
         seen.add(r.request_id)
+
+
+def request_settings(ocfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The OpenAI-compatible client's request settings from the validated ``answerer.openai``
+    section (the openai and sglang kinds send the same)."""
+    return {key: ocfg[key] for key in ("max_concurrency", "timeout_s", "max_retries",
+                                       "temperature", "top_p", "max_tokens")}

@@ -1,11 +1,11 @@
 """Witness served by SGLang, started by the evaluation job itself when no server is given.
 
 On a cluster the evaluate job holds its GPUs; rather than asking the user to run a server by
-hand (the original hard-coded its address), the job launches ``python -m sglang.launch_server``
-on one of its GPUs, waits for ``/health``, talks to it through ``OpenAIAnswerer`` and stops it at
-the end. The server gets its own process group (so stopping it also stops its scheduler and
-detokenizer workers), a log file, a random API key unless one is configured, and is stopped at
-interpreter exit if nobody called ``close()``.
+hand, the job launches ``python -m sglang.launch_server`` on one of its GPUs, waits for
+``/health``, talks to it through ``OpenAIAnswerer`` and stops it at the end. The server gets
+its own process group (so stopping it also stops its scheduler and detokenizer workers), a log
+file, a random API key unless one is configured, and is stopped at interpreter exit if nobody
+called ``close()``.
 
 The server is launched when the answerer is built but waited for only at the first question, so
 loading the questioner and loading the answerer model overlap.
@@ -29,8 +29,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava_reid.answerer.base import AnswererError, AnswerRequest
-from llava_reid.answerer.openai_compat import DEFAULT_API_KEY_ENV, OpenAIAnswerer
+from llava_reid.answerer.base import AnswererError, AnswerRequest, request_settings
+from llava_reid.answerer.openai_compat import OpenAIAnswerer
 from llava_reid.answerer.runtime_check import SGLANG_PYTHON_ENV
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class SGLangAnswerer:
 
     def __init__(
         self,
-        scfg: dict,
+        server_cfg: dict,
         ocfg: dict,
         *,
         idk_min_question_chars: int = 15,
@@ -243,21 +243,21 @@ class SGLangAnswerer:
         launcher: Sequence[str] | None = None,
         images=None,
     ):
-        model_path = scfg.get("model_path")
-        model = ocfg.get("model") or model_path
+        model_path = server_cfg["model_path"]
+        model = ocfg["model"] or model_path
         if not model:
             raise ValueError("answerer kind 'sglang' needs answerer.sglang.model_path (or, with "
                              "answerer.openai.base_url, answerer.openai.model)")
-        key_env = ocfg.get("api_key_env") or DEFAULT_API_KEY_ENV
+        key_env = ocfg["api_key_env"]
         configured_key = os.environ.get(key_env) or None
         self.server: SGLangServer | None = None
-        base_url = ocfg.get("base_url")
+        base_url = ocfg["base_url"]
         if not base_url:
             self.server = SGLangServer(
-                model_path, port=int(scfg.get("port", 30000)), gpu=scfg.get("gpu", 0),
-                mem_fraction_static=float(scfg.get("mem_fraction_static", 0.8)),
-                api_key=configured_key, extra_args=scfg.get("extra_args") or (),
-                startup_timeout_s=float(scfg.get("startup_timeout_s", 900)),
+                model_path, port=int(server_cfg["port"]), gpu=server_cfg["gpu"],
+                mem_fraction_static=float(server_cfg["mem_fraction_static"]),
+                api_key=configured_key, extra_args=server_cfg["extra_args"],
+                startup_timeout_s=float(server_cfg["startup_timeout_s"]),
                 log_path=log_path, launcher=launcher)
             self.server.start()
             base_url = self.server.base_url
@@ -271,11 +271,7 @@ class SGLangAnswerer:
         self.client = client(
             base_url, model, **extra,
             api_key=self.server.api_key if self.server else configured_key,
-            api_key_env=key_env,
-            max_concurrency=ocfg.get("max_concurrency", 32),
-            timeout_s=ocfg.get("timeout_s", 60), max_retries=ocfg.get("max_retries", 4),
-            temperature=ocfg.get("temperature", 0.0), top_p=ocfg.get("top_p", 1.0),
-            max_tokens=ocfg.get("max_tokens", 48),
+            api_key_env=key_env, **request_settings(ocfg),
             idk_min_question_chars=idk_min_question_chars, seed=seed,
             name=f"{kind}:{_model_label(model)}")
         self.name = self.client.name

@@ -7,8 +7,8 @@ The input is the dataset's annotation JSON, a list of records::
      "questions": [str, ...], "answers": [str, ...], "captions": [str, ...] (optional)}
 
 Anything wrong fails with one ``AnnotationError`` naming the file, the record (index and id)
-and the field. Training identities are mapped to contiguous class ids (the original asserted
-that the raw ids already were).
+and the field. Training identities are mapped to contiguous class ids (the ID loss's classes),
+whatever the raw ids are.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import pandas as pd
 from PIL import Image
 
 from llava_reid.artifacts import read_table, write_table
+from llava_reid.data import SPLITS
 from llava_reid.runtime import config_hash
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 TEXT_FIELDS = ("file_path", "initial_description", "fine-grained_description")
 LIST_FIELDS = ("questions", "answers")
 
@@ -182,3 +182,14 @@ def run(cfg: dict[str, Any], annotations: str, image_root: str, out: str) -> Non
         log.info("%s: %d images, %d identities, %.1f Q/A and %.1f captions per image", split,
                  len(part), part.pid.nunique(), part.questions.map(len).mean(),
                  part.captions.map(len).mean())
+
+
+def training_corpus(annotations: str) -> list[str]:
+    """All text of the training split: descriptions, questions and answers."""
+    table = read_table(annotations, "annotations").to_pandas()
+    train = table[table["split"] == "train"]
+    corpus: list[str] = []
+    for row in train.itertuples():
+        corpus += [row.initial_description, row.fine_grained_description]
+        corpus += list(row.questions) + list(row.answers)
+    return corpus

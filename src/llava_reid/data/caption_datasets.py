@@ -32,7 +32,8 @@ from typing import Any
 
 import pandas as pd
 
-from llava_reid.data.annotations import SPLITS, AnnotationError, _image_problem
+from llava_reid.data import SPLITS
+from llava_reid.data.annotations import AnnotationError, _image_problem
 
 # format -> (the record field holding the image path, the file name IRRA reads)
 FORMATS: dict[str, tuple[str, str]] = {

@@ -28,12 +28,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from llava_reid.artifacts import atomic_dir, atomic_path
+from llava_reid.data import SPLITS
 from llava_reid.data import attributes as A
 from llava_reid.data.attributes import Person
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 SUPERSAMPLE = 2  # draw at 2x and downsample: smoother edges at small sizes
 
 
@@ -242,25 +242,25 @@ def make_record(person: Person, pid: int, split: str, file_path: str, n_question
     }
 
 
-def plan_dataset(scfg: dict[str, Any], seed: int):
+def plan_dataset(synthetic_cfg: dict[str, Any], seed: int):
     """(records, [(relative path, person, camera seed keys)]) without rendering anything."""
     rng = _rng(seed, 0)
-    counts = [scfg["identities"][s] for s in SPLITS]
+    counts = [synthetic_cfg["identities"][s] for s in SPLITS]
     total = sum(counts)
     # Non-contiguous, shuffled identity numbers: the loader maps them to class ids.
     pids = (rng.permutation(3 * total)[:total] + 1000).tolist()
-    fact_sets = [A.check_fact_set(f) for f in scfg.get("initial_facts", A.INITIAL_FACTS)]
+    fact_sets = [A.check_fact_set(f) for f in synthetic_cfg.get("initial_facts", A.INITIAL_FACTS)]
     taken: set[tuple] = set()
     records, jobs = [], []
     start = 0
     for split_no, (split, count) in enumerate(zip(SPLITS, counts, strict=True)):
         people = sample_identities(count, _rng(seed, 1, split_no), taken)
         for person, pid in zip(people, pids[start : start + count], strict=True):
-            for cam in range(scfg["images_per_identity"]):
+            for cam in range(synthetic_cfg["images_per_identity"]):
                 rel = f"images/{split}/{pid:05d}_c{cam}.png"
                 rec_rng = _rng(seed, 2, pid, cam)
                 records.append(make_record(person, pid, split, rel,
-                                           scfg["questions_per_image"], rec_rng,
+                                           synthetic_cfg["questions_per_image"], rec_rng,
                                            fact_sets=fact_sets))
                 jobs.append((rel, person, (seed, 3, pid, cam)))
         start += count
@@ -281,13 +281,14 @@ def transfer_captions(record: dict[str, Any], person: Person, fact_sets, seed: i
     return [record["initial_description"], A.initial_description(person, facts, rng)]
 
 
-def write_transfer_files(images: Path, records, jobs, scfg: dict[str, Any], seed: int) -> None:
+def write_transfer_files(images: Path, records, jobs, synthetic_cfg: dict[str, Any],
+                         seed: int) -> None:
     """Beside the images: ``drawn.json`` (what the renderer drew in each image, for the
     rendered answerer) and ``data_captions.json``, the test split in RSTPReid's layout
     (``img_path`` relative to this folder), so a transfer run can evaluate on it."""
     drawn = {str(Path(rel).relative_to("images")): asdict(person) for rel, person, _ in jobs}
     (images / "drawn.json").write_text(json.dumps(drawn, indent=0) + "\n")
-    fact_sets = [A.check_fact_set(f) for f in scfg.get("initial_facts", A.INITIAL_FACTS)]
+    fact_sets = [A.check_fact_set(f) for f in synthetic_cfg.get("initial_facts", A.INITIAL_FACTS)]
     rstp = [{"id": rec["id"], "img_path": str(Path(rel).relative_to("images")),
              "captions": transfer_captions(rec, person, fact_sets, seed, keys), "split": "test"}
             for rec, (rel, person, keys) in zip(records, jobs, strict=True)
@@ -296,18 +297,19 @@ def write_transfer_files(images: Path, records, jobs, scfg: dict[str, Any], seed
 
 
 def run(cfg: dict[str, Any], out_dir: str) -> None:
-    scfg = cfg["data"]["synthetic"]
+    synthetic_cfg = cfg["data"]["synthetic"]
     out = Path(out_dir)
     started = time.time()
-    records, jobs = plan_dataset(scfg, cfg["seed"])
+    records, jobs = plan_dataset(synthetic_cfg, cfg["seed"])
     with atomic_dir(out / "images") as tmp:
         for split in SPLITS:
             (tmp / split).mkdir()
         for rel, person, keys in jobs:
-            img = render_job(person, keys, scfg["image_height"], scfg["image_width"])
+            img = render_job(person, keys, synthetic_cfg["image_height"],
+                             synthetic_cfg["image_width"])
             img.save(tmp / Path(rel).relative_to("images"), format="PNG", optimize=False)
-        write_transfer_files(tmp, records, jobs, scfg, cfg["seed"])
+        write_transfer_files(tmp, records, jobs, synthetic_cfg, cfg["seed"])
     with atomic_path(out / "annotations.json") as tmp:
         tmp.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     log.info("%d identities, %d images in %.1fs -> %s",
-             sum(scfg["identities"].values()), len(records), time.time() - started, out)
+             sum(synthetic_cfg["identities"].values()), len(records), time.time() - started, out)

@@ -8,20 +8,21 @@ when it knows it already, the answer.
 - ``RandomAnnotated``: a seeded random annotated question of the target not asked yet;
 - ``LookAheadOracle``: the annotated answer that ranks the target highest (upper bound);
 - ``QuestionerAsker``: the trained questioner shown the top-1 and either the plain top-k or the
-  selector's choice from the round's pool (k_r = ceil(N / (r + 1)) open positions).
+  selector's choice from the round's pool (its first k_r positions open:
+  ``selector.sampler.valid_length``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from llava_reid.interact.gallery import Gallery
 from llava_reid.interact.oracle import best_next_answers
 from llava_reid.interact.repeats import REPEAT_OVERLAP, repeat_score
 from llava_reid.questioner.prompts import NUM_TEMPLATES, build_prompt
+from llava_reid.retriever.gallery import Gallery
 from llava_reid.training import derived_seed
 
 
@@ -187,8 +188,6 @@ class QuestionerAsker:
         """A question about what the dialogue already asked (``interact.repeats``) wastes the
         round: redraw it with a wider nucleus, a little hotter each time, up to ``REDRAWS``
         times; keep the first draw that is no repeat, else the least repeating one."""
-        from dataclasses import replace
-
         from llava_reid.questioner.generate import generate_questions
 
         questions = list(questions)

@@ -21,8 +21,8 @@ import torch
 
 from llava_reid.answerer import AnswerRequest
 from llava_reid.interact.askers import Asked, Dialogue, RoundContext
-from llava_reid.interact.gallery import Gallery
 from llava_reid.interact.query import append_answer
+from llava_reid.retriever.gallery import Gallery
 
 log = logging.getLogger(__name__)
 

@@ -34,14 +34,14 @@ from llava_reid.interact.askers import (
 )
 from llava_reid.interact.engine import DialogueEngine, advance
 from llava_reid.interact.fusion import from_config as auxiliary_similarity
-from llava_reid.interact.gallery import Gallery
 from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash, seed_everything
+from llava_reid.stage_views import METHODS
 from llava_reid.training import inputs_fingerprint
 
 log = logging.getLogger(__name__)
 
-METHODS = ("initial", "random", "oracle", "questioner", "selector")
 
 # Answerer settings that change how answers travel, not what they are: editing them keeps an
 # interrupted chunk's rounds (and the answer cache, which is keyed by the answerer's model).
@@ -132,11 +132,12 @@ def build_asker(method: str, cfg: dict[str, Any], encoder, gallery: Gallery,
         from llava_reid.selector import Selector
 
         selector = Selector.load(models["selector"], encoder.device)
-    g = cfg["evaluate"]["generation"]
-    generation = GenerationConfig(max_new_tokens=g["max_new_tokens"], do_sample=g["do_sample"],
-                                  top_p=g["top_p"], temperature=g["temperature"])
+    generation_cfg = cfg["evaluate"]["generation"]
+    generation = GenerationConfig(
+        max_new_tokens=generation_cfg["max_new_tokens"], do_sample=generation_cfg["do_sample"],
+        top_p=generation_cfg["top_p"], temperature=generation_cfg["temperature"])
     return QuestionerAsker(questioner, cache, gallery, generation, seed, dcfg["pool_size"],
-                           dcfg["num_candidates"], g["batch_size"], selector=selector)
+                           dcfg["num_candidates"], generation_cfg["batch_size"], selector=selector)
 
 
 def rows_table(rows: list[dict[str, Any]], dim: int) -> pa.Table:
@@ -191,11 +192,12 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
     inputs = inputs_fingerprint(annotations, gallery, queries, retriever, questioner, adapter,
                                 visual_tokens, selector)
     encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
-    index = Gallery.from_parquet(gallery, encoder.device)
+    test_gallery = Gallery.from_parquet(gallery, encoder.device)
     all_ids = read_table(queries, "query_features", columns=["query_id"]).column(
         "query_id").to_pylist()
     ids = chunk_ids(all_ids, chunk, chunks)
-    auxiliary = auxiliary_similarity(cfg, all_ids, index)  # checked before any server starts
+    # Checked before any server starts.
+    auxiliary = auxiliary_similarity(cfg, all_ids, test_gallery)
     dialogues = load_dialogues(annotations, queries, ids)
     meta = {"method": method, "chunk": f"{chunk}-of-{chunks}", "queries": len(ids)}
 
@@ -218,11 +220,11 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
     # A witness that looks at the target image (transfer) gets the image files.
     images = TargetImages(annotations, image_root) if image_root else None
     answerer = build_answerer(cfg["answerer"], answers_cache, seed=cfg["seed"], images=images)
-    asker = build_asker(method, cfg, encoder, index, {
+    asker = build_asker(method, cfg, encoder, test_gallery, {
         "questioner": questioner, "adapter": adapter, "visual_tokens": visual_tokens,
         "selector": selector})
-    engine = DialogueEngine(encoder, index, asker, answerer, dcfg["rounds"], dcfg["pool_size"],
-                            cfg["features"]["batch_size"], auxiliary=auxiliary)
+    engine = DialogueEngine(encoder, test_gallery, asker, answerer, dcfg["rounds"],
+                            dcfg["pool_size"], cfg["features"]["batch_size"], auxiliary=auxiliary)
     rows = done.to_dict("records")
 
     def checkpoint(round_: int, new_rows: list[dict[str, Any]]) -> None:

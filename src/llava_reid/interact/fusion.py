@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 import torch
 
 from llava_reid.artifacts import atomic_path, embeddings, read_table
-from llava_reid.interact.gallery import Gallery
-from llava_reid.metrics import target_ranks
+from llava_reid.metrics import bri, rank_metrics, target_ranks
+from llava_reid.retriever.gallery import Gallery
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +171,13 @@ def from_config(cfg: dict[str, Any], query_ids: list[int], gallery: Gallery
 def export(cfg: dict[str, Any], gallery: str, queries: str, out: str) -> None:
     """export-similarity: our retriever's score of every test query's initial text against
     every gallery image, in the auxiliary-similarity Parquet shape."""
-    index = Gallery.from_parquet(gallery)
+    test_gallery = Gallery.from_parquet(gallery)
     q = read_table(queries, "query_features")
     feats = torch.from_numpy(embeddings(q, "initial_feat").copy())
-    sim = index.similarity(torch.nn.functional.normalize(feats, dim=-1)).float().cpu().numpy()
+    sim = test_gallery.similarity(torch.nn.functional.normalize(feats, dim=-1))
+    sim = sim.float().cpu().numpy()
     qids = q.column("query_id").to_numpy().astype(np.int32)
-    gids = index.image_idx.cpu().numpy().astype(np.int32)
+    gids = test_gallery.image_idx.cpu().numpy().astype(np.int32)
     table = pa.table({
         "query_id": pa.array(np.repeat(qids, len(gids)), pa.int32()),
         "image_idx": pa.array(np.tile(gids, len(qids)), pa.int32()),
@@ -191,8 +192,6 @@ def round_metrics(table: pa.Table, gallery: Gallery, auxiliary: AuxiliarySimilar
                   ) -> tuple[list[dict[str, float]], float]:
     """Per-round R@k / mAP / mINP and BRI of merged dialogues, ranked by the dialogue's
     similarity alone (``auxiliary`` None) or fused with the auxiliary scores."""
-    from llava_reid.metrics import bri, rank_metrics
-
     rounds = table.column("round").to_numpy()
     feats = embeddings(table, "query_feat")
     pids = table.column("pid").to_numpy()

@@ -24,8 +24,8 @@ from llava_reid.artifacts import (
     write_table,
 )
 from llava_reid.interact import fusion
-from llava_reid.interact.gallery import Gallery
 from llava_reid.metrics import bri, rank_metrics
+from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash
 
 log = logging.getLogger(__name__)
@@ -80,18 +80,19 @@ def run(cfg: dict[str, Any], method: str, chunks: list[str], gallery: str, queri
     expected = read_table(queries, "query_features", columns=["query_id"]).column(
         "query_id").to_pylist()
     table = merge_chunks(chunks, expected)
-    index = Gallery.from_parquet(gallery)
+    test_gallery = Gallery.from_parquet(gallery)
     dim = table.schema.field("query_feat").type.list_size
-    if dim != index.feats.shape[1]:
+    if dim != test_gallery.feats.shape[1]:
         raise ArtifactError(
-            f"{gallery}: gallery embeddings have size {index.feats.shape[1]} but the chunks' "
-            f"query embeddings {dim} ({chunks[0]}, ...): they come from different retrievers")
-    auxiliary = fusion.from_config(cfg, expected, index)
+            f"{gallery}: gallery embeddings have size {test_gallery.feats.shape[1]} but the "
+            f"chunks' query embeddings {dim} ({chunks[0]}, ...): they come from different "
+            "retrievers")
+    auxiliary = fusion.from_config(cfg, expected, test_gallery)
     if auxiliary is None:
-        per_round, score = round_metrics(table, index)
+        per_round, score = round_metrics(table, test_gallery)
     else:  # the same dialogues ranked without and with the external scores, side by side
-        per_round, score = fusion.round_metrics(table, index, None)
-        fused, fused_score = fusion.round_metrics(table, index, auxiliary)
+        per_round, score = fusion.round_metrics(table, test_gallery, None)
+        fused, fused_score = fusion.round_metrics(table, test_gallery, auxiliary)
     metas = [read_metadata(c) for c in chunks]
     label = next((m["label"] for m in metas if m.get("label")), method)
     result = {

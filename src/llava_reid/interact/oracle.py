@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_reid.interact.gallery import Gallery
 from llava_reid.interact.query import append_answer, clean_answer
+from llava_reid.retriever.gallery import Gallery
 
 
 @dataclass

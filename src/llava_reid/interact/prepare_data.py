@@ -9,10 +9,8 @@ and the top-N retrieval pool of the query so far.
 Whose answers the dialogue goes on with: on a look-ahead dialogue, the chosen one's. A seeded
 fraction ``prepare.random_history`` of dialogues goes on with a random unused answer instead,
 while every step's target stays the look-ahead's choice. Look-ahead histories alone show the
-questioner only the states the oracle visits (the most useful fact always asked first); at
-evaluation its own questions lead elsewhere (measured: after a first question about shoes it
-almost never asked for the garment fact the first description had left out, the one fact worth
-most to the retriever). Random histories teach it what to ask from such states.
+questioner only the states the oracle visits, while at evaluation its own questions lead
+elsewhere: random histories teach it what to ask from such states.
 
 A seeded fraction of dialogues is duplicated with some history answers replaced by "I don't
 know." so the questioner learns not to repeat such questions.
@@ -33,18 +31,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llava_reid.answerer.base import IDK
 from llava_reid.artifacts import write_table
 from llava_reid.data.annotations import read_annotations
-from llava_reid.interact.gallery import Gallery
 from llava_reid.interact.oracle import best_next_answers, usable_answers
 from llava_reid.interact.query import append_answer
 from llava_reid.questioner.prompts import NUM_TEMPLATES
 from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash
 
 log = logging.getLogger(__name__)
-
-IDK = "I don't know."
 
 
 def follows_random(seed: int, image_idx: int, fraction: float) -> bool:
@@ -180,11 +177,11 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     rank, world = _distributed()
     rows = read_annotations(annotations, split="train").reset_index(drop=True)
     encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
-    index = Gallery.from_parquet(gallery, encoder.device)
+    train_gallery = Gallery.from_parquet(gallery, encoder.device)
     shard = rows.iloc[rank::world]
     log.info("look-ahead over %d training images (%d on this process), up to %d rounds",
              len(rows), len(shard), dcfg["rounds"])
-    plan = plan_dialogues(encoder, index, shard, dcfg["rounds"], pcfg["min_remaining"],
+    plan = plan_dialogues(encoder, train_gallery, shard, dcfg["rounds"], pcfg["min_remaining"],
                           pcfg["batch_size"], pcfg["random_history"], seed)
     if world > 1:
         parts: list[Any] = [None] * world
@@ -202,7 +199,8 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     convs = build_conversations(rows, plan_df, pcfg, seed)
     log.info("retrieval pools of %d conversations", len(convs))
     feats = encoder.encode_texts(list(convs.description), pcfg["batch_size"])
-    pools = index.image_idx[index.top_k(feats, dcfg["pool_size"])].cpu().numpy()
+    top = train_gallery.top_k(feats, dcfg["pool_size"])
+    pools = train_gallery.image_idx[top].cpu().numpy()
     convs["pool"] = [p.astype(np.int32) for p in pools]
 
     tag = config_hash({"prepare": pcfg, "dialogue": dcfg, "seed": seed})

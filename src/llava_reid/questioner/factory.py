@@ -21,8 +21,8 @@ from transformers import (
 )
 
 from llava_reid.artifacts import atomic_dir
+from llava_reid.data.annotations import training_corpus
 from llava_reid.questioner import prompts as P
-from llava_reid.retriever.init import training_corpus
 from llava_reid.runtime import seed_everything
 from llava_reid.tokenization import train_bpe_tokenizer
 

@@ -4,9 +4,8 @@ multi-image token layout.
 A prompt (llava_reid.questioner.prompts.PromptParts) is tokenised piece by piece; each image
 slot becomes a run of ``image_token_id`` placeholders as long as that image's visual tokens
 (llava_reid.questioner.vision), and the placeholders are replaced by the tokens of exactly the
-images given for that row, in order, each once (``splice_images``). The original fed the wrong
-images at evaluation; here the ids that were spliced are returned with every batch so callers
-can record what the questioner actually saw.
+images given for that row, in order, each once (``splice_images``). The ids that were spliced
+are returned with every batch so callers can record what the questioner actually saw.
 
 Training computes logits only at the target positions (a 152k-token vocabulary times a
 600-token prompt would otherwise dominate memory).
@@ -110,8 +109,8 @@ class Questioner:
         return self.net
 
     def compile_vision_tower(self) -> None:
-        """On CUDA, torch.compile the vision tower: fusing its element-wise work lifts SigLIP
-        from ~41 % to ~54 % of the bf16 matmul peak (bench/RESULTS.md). No-op on CPU."""
+        """On CUDA, torch.compile the vision tower: its element-wise work, fused, no longer
+        dominates (bench/RESULTS.md, "Gallery encoding"). No-op on CPU."""
         if self.device.type == "cuda":
             self.base.model.vision_tower.compile()
 

@@ -18,23 +18,22 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from llava_reid.artifacts import atomic_dir, write_json
 from llava_reid.questioner.generate import GenerationConfig, generate_questions
+from llava_reid.questioner.loading import ImageTokens, attach_lora, load_base
 from llava_reid.questioner.model import Batch, Questioner
 from llava_reid.questioner.quality import well_formed_fraction
 from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
-from llava_reid.questioner.vision import visual_tokens
-from llava_reid.questioner.visual_cache import VisualTokenCache
 from llava_reid.runtime import config_hash
+from llava_reid.stage_views import config_key, typed_view
 from llava_reid.training import (
     BatchPlan,
     ResumableCheckpoint,
@@ -48,73 +47,6 @@ from llava_reid.training import (
 log = logging.getLogger(__name__)
 
 
-def lora_target_regex(modules: list[str]) -> str:
-    """peft target: the named linear layers inside the language model only."""
-    names = "|".join(re.escape(m) for m in modules)
-    return rf".*language_model\..*\.({names})$"
-
-
-def load_base(model: str, cfg: dict[str, Any], device: torch.device) -> Questioner:
-    """The base questioner, 4-bit when asked and possible, else the device's dtype."""
-    qcfg = cfg["questioner"]
-    if qcfg["load_in_4bit"]:
-        if device.type == "cuda":
-            try:
-                return _load_4bit(model, qcfg, device)
-            except ImportError:
-                log.warning("load_in_4bit asked for but bitsandbytes is missing: loading bf16")
-        else:
-            log.warning("load_in_4bit needs a GPU: loading the full-precision model")
-    return Questioner.from_pretrained(model, qcfg, device)
-
-
-def _load_4bit(model: str, qcfg: dict[str, Any], device: torch.device) -> Questioner:
-    import bitsandbytes  # noqa: F401
-    from peft import prepare_model_for_kbit_training
-    from transformers import (
-        AutoTokenizer,
-        BitsAndBytesConfig,
-        LlavaOnevisionForConditionalGeneration,
-    )
-
-    from llava_reid.questioner.model import attention_implementation
-
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
-    )
-    net = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        model, quantization_config=quant, dtype=torch.bfloat16, use_safetensors=True,
-        attn_implementation=attention_implementation(device), device_map={"": device},
-    )
-    net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
-    return Questioner(net, AutoTokenizer.from_pretrained(model), qcfg, device)
-
-
-def attach_lora(q: Questioner, qcfg: dict[str, Any], adapter: str | None = None) -> None:
-    """A new LoRA adapter from the config, or continue training ``adapter``."""
-    from peft import LoraConfig, get_peft_model
-
-    for p in q.net.parameters():
-        p.requires_grad_(False)
-    if adapter:
-        q.load_adapter(adapter, trainable=True)
-    else:
-        lora = qcfg["lora"]
-        save = list(lora["modules_to_save"])
-        if qcfg["train_projector"]:
-            save.append("multi_modal_projector")
-        q.net = get_peft_model(q.net, LoraConfig(
-            r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-            target_modules=lora_target_regex(lora["target_modules"]),
-            modules_to_save=save or None, bias="none",
-        ))
-    if qcfg["sft"]["gradient_checkpointing"]:
-        q.base.model.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 class SFTLoss(nn.Module):
     """Wraps the questioner so DDP sees one forward per step."""
 
@@ -125,48 +57,6 @@ class SFTLoss(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.q.loss(batch)
-
-
-class ImageTokens:
-    """Visual tokens of candidate images: from the cache, or online when the projector
-    trains (gradients must reach it)."""
-
-    def __init__(self, q: Questioner, cache: VisualTokenCache | None, paths: dict[int, Path]):
-        self.q, self.cache, self.paths = q, cache, paths
-
-    @classmethod
-    def for_training(cls, q: Questioner, qcfg: dict[str, Any], visual_tokens: str,
-                     annotations: str, image_root: str) -> ImageTokens:
-        """The cache (checked against the model's visual weights) when the projector is
-        frozen; the training images when it trains."""
-        if not qcfg["train_projector"]:
-            cache = VisualTokenCache(visual_tokens, q.device)
-            cache.check_model(q)
-            return cls(q, cache, {})
-        from llava_reid.data.annotations import read_annotations
-
-        rows = read_annotations(annotations, split="train")
-        paths = {int(i): Path(image_root) / p
-                 for i, p in zip(rows.image_idx, rows.file_path, strict=True)}
-        return cls(q, None, paths)
-
-    def __call__(self, image_ids: list[list[int]]) -> list[list[torch.Tensor]]:
-        if self.cache is not None:
-            return [self.cache.tokens(ids) for ids in image_ids]
-        flat = [i for ids in image_ids for i in ids]
-        images = []
-        for i in flat:
-            with Image.open(self.paths[i]) as img:
-                images.append(img.convert("RGB"))
-        pixels, sizes = self.q.preprocess.batch(images)
-        dtype = next(self.q.base.model.vision_tower.parameters()).dtype
-        tokens = visual_tokens(self.q.base, pixels.to(self.q.device, dtype), sizes,
-                               self.q.pool_ratio)
-        out, k = [], 0
-        for ids in image_ids:
-            out.append(tokens[k : k + len(ids)])
-            k += len(ids)
-        return out
 
 
 def make_batch(q: Questioner, examples: list[Example], num_candidates: int,
@@ -206,21 +96,57 @@ def heldout_report(q: Questioner, held: list[Example], num_candidates: int,
     }
 
 
+@dataclass(frozen=True)
+class SFTSchedule:
+    """What train-questioner reads of ``questioner.sft`` (``gradient_checkpointing`` is read
+    by ``attach_lora``)."""
+
+    epochs: int
+    batch_size: int  # global, split over processes
+    grad_accum: int
+    lr: float
+    warmup_ratio: float  # share of the optimizer updates spent warming up
+    weight_decay: float
+    max_grad_norm: float  # 0 = no clipping
+    checkpoint_every: int  # optimizer steps
+    holdout: float  # share of the conversations held out
+    eval_prompts: int  # held-out prompts answered greedily at the end
+    group_by_length: bool
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Every setting train-questioner reads, built once from its validated config view."""
+
+    seed: int
+    device: str
+    sft: SFTSchedule = config_key("questioner.sft")
+    num_candidates: int = config_key("dialogue.num_candidates")
+    # The questioner section as passed: what its loaders (load_base, attach_lora,
+    # ImageTokens) read.
+    questioner: Mapping[str, Any]
+
+    def tag(self) -> dict[str, Any]:
+        """The settings a resumable checkpoint must match (the config part of its tag)."""
+        return {"questioner": self.questioner,
+                "dialogue": {"num_candidates": self.num_candidates}, "seed": self.seed}
+
+
 def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
         annotations: str, image_root: str, out: str, metrics: str, checkpoints: str) -> None:
-    qcfg, scfg, seed = cfg["questioner"], cfg["questioner"]["sft"], cfg["seed"]
-    ncand = cfg["dialogue"]["num_candidates"]
-    accelerator = make_accelerator(cfg["device"], scfg["grad_accum"], seed)
+    settings = typed_view(SFTConfig, cfg)
+    qcfg, sft, seed = settings.questioner, settings.sft, settings.seed
+    ncand = settings.num_candidates
+    accelerator = make_accelerator(settings.device, sft.grad_accum, seed)
     device = accelerator.device
 
     examples = load_examples(conversations)
-    train, held = split_holdout(examples, scfg["holdout"], seed)
-    q = load_base(model, cfg, device)
+    train, held = split_holdout(examples, sft.holdout, seed)
+    q = load_base(model, qcfg, device)
     tokens = ImageTokens.for_training(q, qcfg, visual_tokens, annotations, image_root)
 
     ckpt = ResumableCheckpoint(checkpoints, config_hash(
-        {"questioner": qcfg, "dialogue": cfg["dialogue"], "seed": seed, "model": model,
-         "data": conversations,
+        {**settings.tag(), "model": model, "data": conversations,
          "inputs": inputs_fingerprint(model, conversations, visual_tokens, annotations)}))
     state = ckpt.load_state()
     if state:
@@ -231,19 +157,19 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
     log.info("trainable parameters: %.2f M of %.2f M", sum(p.numel() for p in trainable) / 1e6,
              sum(p.numel() for p in q.net.parameters()) / 1e6)
 
-    plan = BatchPlan.make(len(train), scfg["batch_size"], accelerator.num_processes,
+    plan = BatchPlan.make(len(train), sft.batch_size, accelerator.num_processes,
                           accelerator.process_index, conversations)
-    updates_per_epoch = max(1, plan.steps // scfg["grad_accum"])
-    total_updates = updates_per_epoch * scfg["epochs"]
-    optimizer = torch.optim.AdamW(trainable, lr=scfg["lr"], weight_decay=scfg["weight_decay"])
+    updates_per_epoch = max(1, plan.steps // sft.grad_accum)
+    total_updates = updates_per_epoch * sft.epochs
+    optimizer = torch.optim.AdamW(trainable, lr=sft.lr, weight_decay=sft.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_updates, int(scfg["warmup_ratio"] * total_updates)))
+        optimizer, warmup_cosine(total_updates, int(sft.warmup_ratio * total_updates)))
     loop = TrainingLoop(
         "train-questioner", accelerator, SFTLoss(q), optimizer, scheduler, ckpt, state,
-        lambda tmp: q.net.save_pretrained(tmp / "adapter"), plan, epochs=scfg["epochs"],
+        lambda tmp: q.net.save_pretrained(tmp / "adapter"), plan, epochs=sft.epochs,
         seed=seed,
-        lengths=[e.text_length() for e in train] if scfg["group_by_length"] else None,
-        checkpoint_every=scfg["checkpoint_every"], max_grad_norm=scfg["max_grad_norm"],
+        lengths=[e.text_length() for e in train] if sft.group_by_length else None,
+        checkpoint_every=sft.checkpoint_every, max_grad_norm=sft.max_grad_norm,
         clip_params=trainable)
 
     def step(module, idx: list[int], epoch: int, s: int):
@@ -254,8 +180,8 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
 
     def write_outputs() -> None:
         q.net.eval()
-        report = heldout_report(q, held, ncand, tokens, scfg["batch_size"],
-                                scfg["eval_prompts"])
+        report = heldout_report(q, held, ncand, tokens, sft.batch_size,
+                                sft.eval_prompts)
         losses = [h["loss"] for h in state["history"]]
         window = max(1, min(20, len(losses) // 10))
         result = {

@@ -3,7 +3,7 @@
 The questioner's visual tokens (vision tower -> projector -> pooling -> unpadding -> newlines)
 depend on the image and on those weights only, never on the text, so each gallery image is
 encoded once per split and reused by every SFT step, joint-training step, dialogue round and
-evaluation chunk (the original re-encoded every candidate image on every call).
+evaluation chunk.
 
 File layout (safetensors): ``tokens`` [sum T_i, D], ``offsets`` int64 [G + 1] (image i owns
 rows offsets[i]:offsets[i+1]), ``image_idx`` int64 [G]. Its metadata holds ``weights_hash``,

@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +75,15 @@ class RetrieverEncoder:
         if not out:
             return torch.empty(0, self.dim, device=self.device)
         return torch.cat(out)
+
+    def encode_texts_once(self, texts: Sequence[str], batch_size: int = 256
+                          ) -> tuple[torch.Tensor, int]:
+        """Each text's feature [N, D] on the CPU, every distinct text encoded once (in sorted
+        order, so the batches do not depend on how often a text repeats); and how many texts
+        were distinct."""
+        distinct, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+        feats = self.encode_texts(list(distinct), batch_size).float().cpu()
+        return feats[torch.from_numpy(inverse.reshape(-1))], len(distinct)
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

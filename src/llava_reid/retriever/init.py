@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
-from llava_reid.artifacts import atomic_dir, read_table
+from llava_reid.artifacts import atomic_dir
+from llava_reid.data.annotations import training_corpus
 from llava_reid.runtime import seed_everything
 from llava_reid.tokenization import train_bpe_tokenizer
 
@@ -32,17 +33,6 @@ SPECIAL_TOKENS = {
     "pad_token": "<|endoftext|>",
     "mask_token": MASK_TOKEN,
 }
-
-
-def training_corpus(annotations: str) -> list[str]:
-    """All text of the training split: descriptions, questions and answers."""
-    table = read_table(annotations, "annotations").to_pandas()
-    train = table[table["split"] == "train"]
-    corpus: list[str] = []
-    for row in train.itertuples():
-        corpus += [row.initial_description, row.fine_grained_description]
-        corpus += list(row.questions) + list(row.answers)
-    return corpus
 
 
 def build_tiny(rcfg: dict[str, Any], corpus: list[str], seed: int):

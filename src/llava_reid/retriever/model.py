@@ -28,7 +28,7 @@ class QueryTokenizer:
     """CLIP-style text encoding: BOS + tokens + EOS, padded to the batch's longest row.
 
     A text longer than the context keeps its NEWEST tokens (dialogue queries grow at the end)
-    and a warning is logged once; the original silently cut the latest answers.
+    and a warning is logged once.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):

@@ -5,7 +5,7 @@
 - image <-> fine-grained description pairs of the training split, augmentation as IRRA;
 - a checkpoint after every epoch (model, heads, optimizer, schedule, best-so-far); a rerun with
   the same config resumes from it, a changed config starts over;
-- the kept epoch is chosen on the VALIDATION split (the original selected on test);
+- the kept epoch is chosen on the VALIDATION split (test stays unseen until the end);
 - every random draw derives from (seed, epoch, step/sample), so a resumed run equals an
   uninterrupted one.
 """
@@ -16,7 +16,8 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from llava_reid.retriever.encoder import RetrieverEncoder, retriever_settings, w
 from llava_reid.retriever.losses import id_loss, mask_tokens, mlm_loss, sdm_loss
 from llava_reid.retriever.model import QueryTokenizer, Retriever, load_clip, load_tokenizer
 from llava_reid.runtime import config_hash
+from llava_reid.stage_views import config_key, typed_view
 from llava_reid.training import (
     BatchPlan,
     ResumableCheckpoint,
@@ -46,6 +48,42 @@ from llava_reid.training import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrieverRecipe:
+    """What train-retriever reads of the ``retriever`` section."""
+
+    image_height: int
+    image_width: int
+    text_length: int
+    image_pooling: str
+    augment: bool
+    text_views: Mapping[str, float]  # share of steps that see each shorter query view
+    losses: Mapping[str, float]  # weights of sdm, id and mlm; 0 = off
+    mlm_layers: int
+    mlm_mask_prob: float
+    temperature: float
+    batch_size: int  # global, split over processes
+    epochs: int
+    warmup_epochs: int
+    lr: float
+    weight_decay: float
+    lr_factor: float  # on the new heads' learning rate
+    bias_lr_factor: float
+    eval_batch_size: int
+    select_metric: str  # the validation metric that picks the kept epoch
+
+
+@dataclass(frozen=True)
+class RetrieverTrainingConfig:
+    """Every setting train-retriever reads, built once from its validated config view."""
+
+    seed: int
+    device: str
+    recipe: RetrieverRecipe = config_key("retriever")
+    # The section as passed: the checkpoints' tag, and the settings saved with the model.
+    retriever: Mapping[str, Any]
 
 
 # Decoded, resized training images are kept in memory up to this many bytes (the embedded
@@ -116,24 +154,24 @@ def _collate(batch):
     return torch.stack(pixels), list(texts), torch.tensor(class_ids), torch.tensor(pids)
 
 
-def _param_groups(model: Retriever, rcfg: dict[str, Any]) -> list[dict[str, Any]]:
+def _param_groups(model: Retriever, recipe: RetrieverRecipe) -> list[dict[str, Any]]:
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr, wd = rcfg["lr"], rcfg["weight_decay"]
+        lr, wd = recipe.lr, recipe.weight_decay
         if name.startswith(("classifier", "cross_former")):
-            lr *= rcfg["lr_factor"]
+            lr *= recipe.lr_factor
         if name.endswith("bias"):
-            lr, wd = lr * rcfg["bias_lr_factor"], 0.0
+            lr, wd = lr * recipe.bias_lr_factor, 0.0
         groups.setdefault((lr, wd), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
 class SplitEvaluation:
     """A split's gallery images, decoded and preprocessed once, and its two query texts per
-    image. Scored after every epoch, so only the encoders run each time (reading and resizing
-    the images again every epoch took ~30 % of an embedded-default epoch)."""
+    image. Scored after every epoch, so only the encoders run each time (decoding and resizing
+    the images is the slow part)."""
 
     QUERIES = (("f", "fine_grained_description"), ("i", "initial_description"))
 
@@ -224,9 +262,10 @@ def run(
     metrics: str,
     checkpoints: str,
 ) -> None:
-    rcfg, seed = cfg["retriever"], cfg["seed"]
+    settings = typed_view(RetrieverTrainingConfig, cfg)
+    recipe, seed = settings.recipe, settings.seed
     image_root = Path(image_root)
-    accelerator = make_accelerator(cfg["device"], 1, seed)
+    accelerator = make_accelerator(settings.device, 1, seed)
 
     table = read_annotations(annotations)
     train_rows = table[table.split == "train"]
@@ -234,76 +273,77 @@ def run(
     num_classes = int(train_rows.class_id.max()) + 1
 
     tokenizer = load_tokenizer(init)
-    weights = rcfg["losses"]
+    weights = recipe.losses
     model = Retriever(
         load_clip(init),
         num_classes=num_classes if weights["id"] > 0 else 0,
-        mlm_layers=rcfg["mlm_layers"],
-        temperature=rcfg["temperature"],
+        mlm_layers=recipe.mlm_layers,
+        temperature=recipe.temperature,
         with_mlm=weights["mlm"] > 0,
-        image_pooling=rcfg["image_pooling"],
+        image_pooling=recipe.image_pooling,
     )
-    tokenize = QueryTokenizer(tokenizer, rcfg["text_length"])
+    tokenize = QueryTokenizer(tokenizer, recipe.text_length)
     mask_cfg = {
         "mask_id": tokenizer.mask_token_id,
         "vocab_size": model.clip.config.text_config.vocab_size,
         "special_ids": sorted(set(tokenizer.all_special_ids)),
-        "prob": rcfg["mlm_mask_prob"],
+        "prob": recipe.mlm_mask_prob,
     }
 
-    plan = BatchPlan.make(len(train_rows), rcfg["batch_size"], accelerator.num_processes,
+    plan = BatchPlan.make(len(train_rows), recipe.batch_size, accelerator.num_processes,
                           accelerator.process_index, annotations, "training images")
-    total_steps = plan.steps * rcfg["epochs"]
-    optimizer = torch.optim.Adam(_param_groups(model, rcfg), betas=(0.9, 0.999), eps=1e-8)
+    total_steps = plan.steps * recipe.epochs
+    optimizer = torch.optim.Adam(_param_groups(model, recipe), betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, plan.steps * rcfg["warmup_epochs"], 0.1)
+        optimizer, warmup_cosine(total_steps, plan.steps * recipe.warmup_epochs, 0.1)
     )
     ckpt = Checkpoints(checkpoints, config_hash({
-        "retriever": rcfg, "seed": seed, "init": init,
+        "retriever": settings.retriever, "seed": seed, "init": init,
         "inputs": inputs_fingerprint(annotations, image_root, init)}))
     state = ckpt.load_state()
     if state is not None:
         ckpt.restore(model)
     loop = TrainingLoop("train-retriever", accelerator, model, optimizer, scheduler, ckpt, state,
-                        Checkpoints.weights(model), plan, epochs=rcfg["epochs"], seed=seed,
+                        Checkpoints.weights(model), plan, epochs=recipe.epochs, seed=seed,
                         step_history=False, initial={"best": None})
-    transform = RetrieverTransform(rcfg["image_height"], rcfg["image_width"], train=rcfg["augment"])
-    dataset = PairDataset(train_rows, image_root, transform, seed, rcfg["text_views"])
+    transform = RetrieverTransform(recipe.image_height, recipe.image_width, train=recipe.augment)
+    dataset = PairDataset(train_rows, image_root, transform, seed, recipe.text_views)
     validation = SplitEvaluation(val_rows, image_root, RetrieverTransform(
-        rcfg["image_height"], rcfg["image_width"], train=False))
+        recipe.image_height, recipe.image_width, train=False))
 
     def step(module, indices: list[int], epoch: int, s: int):
         dataset.epoch = epoch
         g = torch.Generator().manual_seed(derived_seed(seed, epoch, s, plan.rank, 7))
         return train_step(module, _collate([dataset[i] for i in indices]), tokenize, mask_cfg,
-                          weights, rcfg["temperature"], accelerator, g)
+                          weights, recipe.temperature, accelerator, g)
 
     def end_of_epoch(epoch: int, losses: dict[str, float], state: dict[str, Any],
                      started: float) -> str:
         """Validation picks the kept epoch (main process only)."""
         net = accelerator.unwrap_model(loop.module)
         net.eval()
-        encoder = RetrieverEncoder(net, tokenizer, retriever_settings(rcfg), accelerator.device)
-        val = validation(encoder, rcfg["eval_batch_size"])
-        score = val[rcfg["select_metric"]]
+        encoder = RetrieverEncoder(net, tokenizer, retriever_settings(settings.retriever),
+                                   accelerator.device)
+        val = validation(encoder, recipe.eval_batch_size)
+        score = val[recipe.select_metric]
         if state["best"] is None or score > state["best"]["score"]:
             state["best"] = {"epoch": epoch, "score": score}
-            ckpt.save_best(net, tokenizer, rcfg)
+            ckpt.save_best(net, tokenizer, settings.retriever)
         state["history"].append({"epoch": epoch, "loss": losses, "seconds":
                                  round(time.time() - started, 1), "val": val})
-        return (f"val {rcfg['select_metric']}={score:.2f} (best {state['best']['score']:.2f} "
+        return (f"val {recipe.select_metric}={score:.2f} (best {state['best']['score']:.2f} "
                 f"@ {state['best']['epoch']})")
 
     state = loop.run(step, end_of_epoch)
 
     def write_outputs() -> None:
-        best = RetrieverEncoder.from_pretrained(ckpt.best, cfg["device"])
+        best = RetrieverEncoder.from_pretrained(ckpt.best, settings.device)
         test_rows = table[table.split == "test"]
         result = {
             "best_epoch": state["best"]["epoch"],
-            "select_metric": rcfg["select_metric"],
-            "val": validation(best, rcfg["eval_batch_size"]),
-            "test": evaluate_split(best, test_rows, image_root, rcfg["eval_batch_size"]),
+            "select_metric": recipe.select_metric,
+            "val": validation(best, recipe.eval_batch_size),
+            "test": evaluate_split(best, test_rows, image_root, recipe.eval_batch_size),
             "history": state["history"],
         }
         log.info("kept epoch %d; test %s", result["best_epoch"], result["test"])

@@ -87,9 +87,10 @@ def published_adapter(source: str, path: str | Path) -> Path | None:
 def run(cfg: dict[str, Any], source: str, path: str, out: str, retriever: str | None = None,
         adapter: str | None = None, out_adapter: str | None = None, model: str | None = None,
         metrics: str | None = None) -> None:
-    scfg = cfg.get("selector", {})
+    selector_cfg = cfg.get("selector", {})
     if source == "llava-reid":
-        selector = convert_original(path, scfg.get("heads", 8), scfg.get("dropout", 0.1))
+        selector = convert_original(path, selector_cfg.get("heads", 8),
+                                    selector_cfg.get("dropout", 0.1))
     elif source == "ours":
         selector = Selector.load(path)
     else:

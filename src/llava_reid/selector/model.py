@@ -12,12 +12,11 @@ transformer's initialisation expects. A learned modality embedding tells the tex
 the image tokens; there is deliberately no position embedding, so the scores depend on the
 features only and not on where the retriever happened to put an image.
 
-Optional ``retrieval_prior`` (not in the original): add the query-image cosine, times a
-learned scale initialised at the retriever's logit scale (1/0.02), to the logits, and start
-the head at zero. The selector then starts as exactly plain top-k and its transformer learns
-corrections to it. Without it the transformer has to rebuild the retriever's ranking to a
-precision of ~0.001 in cosine from raw features, which it does poorly (see
-``selector.warmup``).
+Optional ``retrieval_prior``: add the query-image cosine, times a learned scale initialised
+at the retriever's logit scale (1/0.02), to the logits, and start the head at zero. The
+selector then starts as exactly plain top-k and its transformer learns corrections to it.
+Without it the transformer has to rebuild the retriever's ranking to the precision of
+neighbouring ranks from raw features, which it does poorly (``selector.warmup``).
 
 The artifact is one safetensors file whose metadata holds the JSON config, so a checkpoint
 cannot be separated from the sizes needed to rebuild it.

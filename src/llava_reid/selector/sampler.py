@@ -125,9 +125,11 @@ def temperature_at(step: int, total_steps: int, start: float = 1.0, end: float =
     return start + (end - start) * frac
 
 
-def valid_length(pool_size: int, round_: int) -> int:
-    """k_r = ceil(N / (r + 1)): pool positions 0..k_r-1 are eligible in round r (0-based)."""
-    return math.ceil(pool_size / (round_ + 1))
+def valid_length(pool_size: int, round_: int | torch.Tensor) -> int | torch.Tensor:
+    """k_r = ceil(N / (r + 1)): pool positions 0..k_r-1 are eligible in round r (0-based).
+
+    ``round_`` is one round or a tensor of rounds (integer arithmetic: exact for both)."""
+    return (pool_size + round_) // (round_ + 1)
 
 
 def selectable_mask(
@@ -139,7 +141,7 @@ def selectable_mask(
     pool_len: L, the pools' actual length (shorter than N when the gallery is). [B, L-1] bool.
     """
     pool_len = pool_size if pool_len is None else pool_len
-    k = torch.ceil(pool_size / (rounds.long() + 1).double()).long()  # [B]
+    k = valid_length(pool_size, rounds.long())  # [B]
     positions = torch.arange(1, pool_len, device=rounds.device)  # [L-1]
     return positions.unsqueeze(0) < k.unsqueeze(1)
 

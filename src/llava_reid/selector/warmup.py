@@ -5,26 +5,21 @@ the look-ahead question), so it starts from a selector that already reproduces w
 top-k would show: for each training dialogue state the targets are pool positions
 1..c-1 (c = ``num_candidates``; position 0, the top-1, is always shown and not scored).
 
-Exact imitation is a precision problem. Inside a 200-image pool the retriever's similarities
-span ~0.4 while the gap between the 3rd and the 4th image is ~0.006 (median; 0.0008 at the
-10th percentile, embedded default). The spec's transformer has to rebuild that ranking from
-raw features; in our runs it reached 33% exact agreement on held-out pools after the
-original's 10 epochs and 57-70% after 60 (GPU). The model's optional ``retrieval_prior`` adds
+Exact imitation is a precision problem: neighbouring images of a pool differ in similarity by
+a tiny fraction of the pool's spread, and a transformer on raw features ranks them poorly
+(figures: bench/RESULTS.md, "Selector warm-up"). The model's optional ``retrieval_prior`` adds
 the query-image cosine, times a learned scale, to its logits, with a zero-initialised head: it
 starts as exactly plain top-k and the transformer learns corrections. The scale has its own,
-larger learning rate (``prior_lr``): with the base one the still-noisy head outgrows the prior
-and agreement falls from 100% to ~55%.
+larger learning rate (``prior_lr``) so that the still-noisy head cannot outgrow the prior.
 
-Loss. The original used binary cross-entropy of exp(score) against 1 on the target positions,
-which equals the mean negative log-probability of each target: a softmax cross-entropy with a
-uniform soft label on the targets. The default here (``plackett_luce``) is the negative
-log-probability that the joint-training sampler, a Gumbel-top-k draw from these very scores
-(a Plackett-Luce draw without replacement), returns exactly the target set, in any order: the
-maximum-likelihood fit of the distribution that joint training starts sampling from, with no
-preference for how the targets share their mass. It is computed exactly by summing the (c-1)!
-orderings. On the embedded default both losses reach the same agreement; ``bce`` is kept for
-comparison. ``pool_dropout`` (optional augmentation) hides random pool positions so that the
-targets move deeper into the ranking; it helped the plain transformer (57% -> 70%).
+Loss. The default (``plackett_luce``) is the negative log-probability that the joint-training
+sampler, a Gumbel-top-k draw from these very scores (a Plackett-Luce draw without
+replacement), returns exactly the target set, in any order: the maximum-likelihood fit of the
+distribution that joint training starts sampling from, with no preference for how the targets
+share their mass. It is computed exactly by summing the (c-1)! orderings. ``bce`` (binary
+cross-entropy of exp(score) against 1 on the targets: a softmax cross-entropy with a uniform
+soft label on the targets) is kept for comparison. ``pool_dropout`` (optional augmentation)
+hides random pool positions so that the targets move deeper into the ranking.
 
 Evaluation. A seeded fraction of identities is held out (every image of a held-out identity,
 hence every dialogue round of those images, so no near-duplicate description leaks into
@@ -48,6 +43,8 @@ import numpy as np
 import torch
 
 from llava_reid.artifacts import ArtifactError, read_table, write_json
+from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash, resolve_device, seed_everything
 from llava_reid.selector.model import Selector
 from llava_reid.selector.sampler import selectable_mask, topk_positions
@@ -126,7 +123,7 @@ def drop_positions(valid: torch.Tensor, n_targets: int, rate: float,
 
 
 def bce_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The original: BCE(exp(score), 1) on the targets = mean -score (clamped at -100).
+    """BCE(exp(score), 1) on the targets = mean -score (clamped at -100).
 
     scores: [B, P] log-probabilities; targets: [B, n] target columns.
     """
@@ -361,26 +358,21 @@ def pool_order_consistency(query_feats: torch.Tensor, pool_rows: torch.Tensor,
 
 def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, out: str,
         metrics: str) -> None:
-    from llava_reid.interact.gallery import Gallery
-    from llava_reid.retriever.encoder import RetrieverEncoder
-
-    scfg, dcfg, seed = cfg["selector"], cfg["dialogue"], cfg["seed"]
-    wcfg = scfg["warmup"]
+    selector_cfg, dcfg, seed = cfg["selector"], cfg["dialogue"], cfg["seed"]
+    wcfg = selector_cfg["warmup"]
     device = resolve_device(cfg["device"])
-    index = Gallery.from_parquet(gallery, "cpu")
-    texts, pool_rows, rounds, pids = load_pools(conversations, index.position_of())
+    train_gallery = Gallery.from_parquet(gallery, "cpu")
+    texts, pool_rows, rounds, pids = load_pools(conversations, train_gallery.position_of())
 
     # Query features are fixed: encode each distinct description once, then free the encoder.
     encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
-    unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
-    feats = encoder.encode_texts(list(unique), wcfg["text_batch_size"]).float().cpu()
+    query_feats, distinct = encoder.encode_texts_once(texts, wcfg["text_batch_size"])  # [R, D]
     del encoder
-    query_feats = feats[torch.from_numpy(inverse.reshape(-1))]  # [R, D]
-    if query_feats.shape[1] != index.feats.shape[1]:
+    if query_feats.shape[1] != train_gallery.feats.shape[1]:
         raise ValueError(f"retriever text dim {query_feats.shape[1]} != gallery dim "
-                         f"{index.feats.shape[1]}")
+                         f"{train_gallery.feats.shape[1]}")
 
-    consistency = pool_order_consistency(query_feats, pool_rows, index.feats,
+    consistency = pool_order_consistency(query_feats, pool_rows, train_gallery.feats,
                                          dcfg["num_candidates"])
     if consistency < 0.99:
         log.warning("the retriever's features reproduce the stored top-%d of only %.1f%% of the "
@@ -388,14 +380,14 @@ def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, o
                     100 * consistency, retriever, conversations)
     heldout = torch.from_numpy(holdout_mask(pids, wcfg["holdout"], seed))
     model, result = train_warmup(
-        query_feats, pool_rows, rounds, index.feats, heldout,
+        query_feats, pool_rows, rounds, train_gallery.feats, heldout,
         pool_size=dcfg["pool_size"], num_candidates=dcfg["num_candidates"],
-        model_cfg=scfg, warmup_cfg=wcfg, seed=seed, device=device,
+        model_cfg=selector_cfg, warmup_cfg=wcfg, seed=seed, device=device,
     )
-    tag = config_hash({"selector": scfg, "dialogue": dcfg, "seed": seed})
+    tag = config_hash({"selector": selector_cfg, "dialogue": dcfg, "seed": seed})
     model.save(out, extra={"stage": "warmup-selector", "config_hash": tag,
                            "retriever": str(retriever), "conversations": str(conversations)})
-    result.update({"config_hash": tag, "device": str(device), "distinct_descriptions": len(unique),
+    result.update({"config_hash": tag, "device": str(device), "distinct_descriptions": distinct,
                    "pool_order_consistency": round(consistency, 4)})
     write_json(result, metrics)
     log.info("selector warm-up: held-out agreement %s on %d pools -> %s",

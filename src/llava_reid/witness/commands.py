@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llava_reid.witness.run_files import RunFiles
+from llava_reid.witness.run_files import RUN_CONFIG, RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ def save_run_config(cfg: dict[str, Any], run: Path) -> Path:
     import yaml
 
     from llava_reid.artifacts import atomic_path
-    from llava_reid.witness.run_files import RUN_CONFIG
 
     path = run / RUN_CONFIG
     with atomic_path(path) as tmp:

@@ -19,8 +19,8 @@ from llava_reid.artifacts import ArtifactError, read_table
 from llava_reid.interact.askers import Dialogue
 from llava_reid.interact.engine import DialogueEngine
 from llava_reid.interact.evaluate import build_asker, load_dialogues
-from llava_reid.interact.gallery import Gallery
 from llava_reid.retriever.encoder import RetrieverEncoder
+from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import seed_everything
 from llava_reid.witness.run_files import RunFiles
 
