@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
-import yaml
 
 from llava_reid.stage_views import (
     STAGE_KEYS,
@@ -24,7 +21,7 @@ from llava_reid.stage_views import (
     cut_view,
     stage_keys,
 )
-from tests.conftest import REPO, base_config, llava_reid, small_config
+from tests.conftest import base_config, dry_run, llava_reid, small_config, write_config
 
 ALL = set(STAGE_KEYS) | {"evaluate:questioner"}
 EVAL = {"evaluate", "evaluate:questioner"}
@@ -118,13 +115,8 @@ def test_the_rules_pass_the_declared_views(tmp_path):
     """A dry run prints every job's command: its --config is the table's view, and editing one
     key changes exactly the commands of the stages that read it."""
     def commands(cfg: dict) -> dict[str, str]:
-        cfg_file = tmp_path / "cfg.yaml"
-        cfg_file.write_text(yaml.safe_dump(cfg))
-        proc = subprocess.run(
-            [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-             "--directory", str(tmp_path), "--configfile", str(cfg_file), "-n", "-p",
-             "--forceall", "--cores", "1"],
-            capture_output=True, text=True, timeout=300)
+        proc = dry_run(tmp_path, write_config(tmp_path / "cfg.yaml", cfg),
+                       args=["-p", "--forceall"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         found = {}
         for line in proc.stdout.splitlines():
