@@ -28,7 +28,15 @@ from llava_reid.interact.askers import Dialogue, RoundContext
 from llava_reid.interact.engine import advance
 from llava_reid.interact.merge import round_metrics
 from llava_reid.retriever.gallery import Gallery
-from tests.conftest import REPO, small_config
+from tests.conftest import (
+    REPO,
+    copy_of_trained_run,
+    dry_run,
+    planned_jobs,
+    small_config,
+    snakemake,
+    write_config,
+)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TOP_K = 10
@@ -37,27 +45,13 @@ ANSWERS = ["Her t-shirt was green and she carried a red backpack.", "Her hair wa
 TOKEN = "s3cret-demo-token"
 
 
-def _snakemake(work: Path, cfg_file: Path, *targets: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(work), "--configfile", str(cfg_file), "--cores", "2", *targets]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
-    if proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(targets)} failed:\n{proc.stderr[-6000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A tiny trained run built by `snakemake demo` (small config, the selector method)."""
-    work = tmp_path_factory.mktemp("demo_run")
-    cfg = small_config()
-    cfg["evaluate"].update(chunks=1, methods=["initial", "selector"])
-    cfg_file = work / "demo-config.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    proc = _snakemake(work, cfg_file, "demo")
-    run = work / cfg["results"] / cfg["run"]
-    return {"work": work, "cfg": cfg, "cfg_file": cfg_file, "run": run,
-            "printed": proc.stdout + proc.stderr}
+def tiny_run(trained_run, tmp_path_factory):
+    """`snakemake demo` on a copy of the session's small trained run (the selector method): the
+    demo saves the config it ran on into the run folder."""
+    run_info = copy_of_trained_run(trained_run, tmp_path_factory.mktemp("demo_run") / "work")
+    proc = snakemake(run_info["work"], "demo", configfiles=[run_info["cfg_file"]])
+    return {**run_info, "printed": proc.stdout + proc.stderr}
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +117,23 @@ def server(tiny_run, tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def test_snakemake_demo_builds_the_run_and_prints_the_command(tiny_run):
+def test_snakemake_demo_builds_the_run_and_prints_the_command(tiny_run, tmp_path):
     run, printed = tiny_run["run"], tiny_run["printed"]
     for rel in ("retriever/model", "features/test_gallery.parquet", "joint/adapter",
                 "joint/selector.safetensors", "questioner/visual_tokens/test.safetensors",
                 "eval/selector/dialogues.parquet"):
         assert (run / rel).exists(), rel
-    assert not (run / "eval/initial").exists()  # only what the demo needs
+    # Only what the demo needs: from nothing, `snakemake demo` plans the selector's evaluation
+    # and no other method's, nor the report's figures. (The shared run was built in full.)
+    cfg = tiny_run["cfg"]
+    dry = dry_run(tmp_path, write_config(tmp_path / "demo-config.yaml", cfg), args=["demo"])
+    jobs = planned_jobs(dry)
+    rules = {rule for rule, _ in jobs}
+    assert {"train_joint", "evaluate", "merge_eval", "demo"} <= rules, rules
+    assert not rules & {"plots", "ranked_lists", "training_curves"}, rules
+    assert len(cfg["evaluate"]["methods"]) > 1
+    assert {re.search(r"\bmethod=(\w+)", w).group(1) for r, w in jobs
+            if r in ("evaluate", "merge_eval")} == {"selector"}
     assert f"llava-reid demo --run {run.relative_to(run.parents[1])}\n" in printed
     # The config Snakemake ran on is kept in the run: `llava-reid demo --run` needs no other.
     saved = yaml.safe_load((run / "witness/config.yaml").read_text())

@@ -23,7 +23,7 @@ import yaml
 
 from llava_reid.answerer import runtime_check as rc
 from llava_reid.answerer.sglang import SGLANG_LAUNCHER, default_launcher
-from tests.conftest import REPO
+from tests.conftest import REPO, dry_run
 
 ENVS = REPO / "envs"
 LOCK = ENVS / "constraints.txt"
@@ -227,9 +227,7 @@ def test_server_launcher_follows_the_environment_variable(monkeypatch):
 def _dry_run(tmp_path: Path, env: dict[str, str], *config: str) -> subprocess.CompletedProcess:
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
-           "--configfile", str(REPO / "config.yaml"), "-n", "-p", "--config", *config]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return dry_run(work, REPO / "config.yaml", args=["-p", "--config", *config], env=env)
 
 
 def test_snakemake_stops_before_any_job_without_sglang(tmp_path, fake_sglang):

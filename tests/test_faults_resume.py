@@ -1,8 +1,9 @@
 """Fault injection for reruns: kill -9 mid-stage, retrained upstream models, forced and
 interrupted Snakemake runs, and an answerer server that stops after N answers.
 
-One small-config DAG (one evaluation chunk; methods initial and selector) is built once and its
-artifacts are reused by every test; each test writes its own outputs under tmp_path.
+The session's shared small trained run (conftest's ``trained_run``) serves every test, read-only;
+each test writes its own outputs under tmp_path, and the tests that move, force or interrupt the
+DAG's jobs work on their own copy of the run.
 """
 
 from __future__ import annotations
@@ -21,38 +22,24 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, copy_of_trained_run, dry_run, planned_rules, snakemake
 
 pytestmark = pytest.mark.faults
 
-METHODS = ["initial", "selector"]
-
-
-def _snakemake(work: Path, cfg_file: Path, *args: str, check: bool = True, popen: bool = False):
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(work), "--configfile", str(cfg_file), "--cores", "2", *args]
-    if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-6000:]}")
-    return proc
-
 
 @pytest.fixture(scope="module")
-def dag(tmp_path_factory):
-    work = tmp_path_factory.mktemp("faults_dag")
-    cfg = small_config()
-    cfg["evaluate"].update(chunks=1, methods=METHODS)
-    cfg_file = work / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    _snakemake(work, cfg_file)
-    return {"work": work, "cfg": cfg, "cfg_file": cfg_file,
-            "run": work / cfg["results"] / cfg["run"]}
+def dag(trained_run):
+    """The shared small trained run (read-only here)."""
+    return trained_run
+
+
+def _chunk_files(dag: dict) -> list[Path]:
+    """Every evaluation chunk the DAG writes."""
+    n = dag["cfg"]["evaluate"]["chunks"]
+    return [dag["run"] / f"eval/{m}/chunks/{i}-of-{n}.parquet"
+            for m in dag["cfg"]["evaluate"]["methods"] for i in range(n)]
 
 
 def _cli(args: list[str], cfg: dict) -> list[str]:
@@ -263,9 +250,10 @@ def _eval_cfg(dag: dict, witness: Witness, **transport) -> dict:
     return cfg
 
 
-def _eval_args(dag: dict, out: Path, adapter: Path, method: str = "questioner") -> list[str]:
+def _eval_args(dag: dict, out: Path, adapter: Path, method: str = "questioner",
+               chunks: int = 1) -> list[str]:
     run = dag["run"]
-    args = ["evaluate", "--method", method, "--chunk", "0", "--chunks", "1",
+    args = ["evaluate", "--method", method, "--chunk", "0", "--chunks", str(chunks),
             "--annotations", str(run / "data/annotations.parquet"),
             "--gallery", str(run / "features/test_gallery.parquet"),
             "--queries", str(run / "features/test_queries.parquet"),
@@ -352,9 +340,10 @@ def test_retrained_upstream_model_discards_the_interrupted_chunk(
 def test_unreadable_partial_chunk_is_discarded_with_a_log_line(dag, tmp_path):
     cfg = json.loads(json.dumps(dag["cfg"]))
     _partial(tmp_path).write_bytes(b"PAR1" + os.urandom(64))
-    done = _run(_eval_args(dag, tmp_path, tmp_path, method="initial"), cfg)
+    chunks = cfg["evaluate"]["chunks"]  # the DAG's own first chunk is the expected table
+    done = _run(_eval_args(dag, tmp_path, tmp_path, method="initial", chunks=chunks), cfg)
     assert "discarding partial results" in done.stderr and "unreadable" in done.stderr
-    expected = pq.read_table(dag["run"] / "eval/initial/chunks/0-of-1.parquet")
+    expected = pq.read_table(dag["run"] / f"eval/initial/chunks/0-of-{chunks}.parquet")
     assert pq.read_table(tmp_path / "chunk.parquet").equals(expected)
 
 
@@ -362,19 +351,18 @@ def test_unreadable_partial_chunk_is_discarded_with_a_log_line(dag, tmp_path):
 
 
 def _dry_run_rules(dag: dict) -> set[str]:
-    proc = _snakemake(dag["work"], dag["cfg_file"], "--dry-run")
-    return {line.split()[1].rstrip(":") for line in proc.stdout.splitlines()
-            if line.startswith(("rule ", "localrule "))}
+    return planned_rules(dry_run(dag["work"], dag["cfg_file"]))
 
 
 def test_every_missing_artifact_is_rebuilt_by_a_plain_run(dag, tmp_path):
     """Intermediate artifacts are reachable from the default target: each missing one is
     planned (checked by a dry run, files moved away and back)."""
-    run = dag["run"]
+    dag = copy_of_trained_run(dag, tmp_path / "work")
+    run, chunks = dag["run"], dag["cfg"]["evaluate"]["chunks"]
     missing = {"prepare/oracle_plan.parquet": "prepare_data",
                "selector/warmup_metrics.json": "warmup_selector",
                "joint/metrics.json": "train_joint",
-               "eval/selector/chunks/0-of-1.parquet": "evaluate",
+               f"eval/selector/chunks/0-of-{chunks}.parquet": "evaluate",
                "eval/initial/dialogues.parquet": "merge_eval"}
     for rel in missing:
         (run / rel).rename(tmp_path / rel.replace("/", "_"))
@@ -401,10 +389,12 @@ def _jobs_in_group(pgid: int, command: str) -> list[int]:
     return found
 
 
-def test_interrupted_forcerun_then_plain_run_leaves_every_output(dag):
+def test_interrupted_forcerun_then_plain_run_leaves_every_output(dag, tmp_path):
+    dag = copy_of_trained_run(dag, tmp_path / "work")
     run = dag["run"]
-    chunks = [run / f"eval/{m}/chunks/0-of-1.parquet" for m in METHODS]
-    proc = _snakemake(dag["work"], dag["cfg_file"], "--forcerun", "evaluate", popen=True)
+    chunks = _chunk_files(dag)
+    proc = snakemake(dag["work"], "--forcerun", "evaluate", configfiles=[dag["cfg_file"]],
+                     popen=True)
     deadline = time.time() + 600
     # Snakemake deletes a job's output a moment before it spawns the job: interrupt only once an
     # evaluate process runs, else the job spawned after the Ctrl-C runs to completion.
@@ -415,10 +405,10 @@ def test_interrupted_forcerun_then_plain_run_leaves_every_output(dag):
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
     proc.communicate(timeout=300)
     assert not all(c.exists() for c in chunks)
-    _snakemake(dag["work"], dag["cfg_file"])
+    snakemake(dag["work"], configfiles=[dag["cfg_file"]])
     for rel in ["prepare/conversations.parquet", "selector/warmup.safetensors",
-                "joint/selector.safetensors", "questioner/metrics.json",
-                "report/metrics.tsv", *[f"eval/{m}/metrics.json" for m in METHODS]]:
+                "joint/selector.safetensors", "questioner/metrics.json", "report/metrics.tsv",
+                *[f"eval/{m}/metrics.json" for m in dag["cfg"]["evaluate"]["methods"]]]:
         assert (run / rel).exists(), rel
     assert all(c.exists() for c in chunks)
     assert not _dry_run_rules(dag) - {"all"}

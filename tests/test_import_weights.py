@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, sglang_stand_in_env, small_config
+from tests.conftest import (
+    REPO,
+    dry_run,
+    planned_rules,
+    sglang_stand_in_env,
+    small_config,
+    snakemake,
+    write_config,
+)
 
 TRAINING_RULES = {"init_retriever", "train_retriever", "prepare_data", "train_questioner",
                   "warmup_selector", "train_joint"}
@@ -19,18 +27,8 @@ TRAINING_RULES = {"init_retriever", "train_retriever", "prepare_data", "train_qu
 
 def _dry_run(work: Path, cfg: dict, *under: Path) -> subprocess.CompletedProcess:
     """`snakemake --dry-run` with ``cfg`` (on top of the ``under`` config files)."""
-    cfg_file = work / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(work), "--cores", "1", "--dry-run", "--configfile",
-           *map(str, under), str(cfg_file)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env=sglang_stand_in_env(work))
-
-
-def _planned_rules(proc: subprocess.CompletedProcess) -> set[str]:
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout, flags=re.M))
+    return dry_run(work, *under, write_config(work / "config.yaml", cfg),
+                   env=sglang_stand_in_env(work))
 
 
 def _fake_checkpoints(work: Path) -> dict[str, Path]:
@@ -50,7 +48,7 @@ def test_checkpoints_replace_every_training_job(tmp_path):
     cfg["retriever"]["checkpoint"] = {"format": "irra", "path": str(paths["retriever"])}
     cfg["questioner"]["checkpoint"] = {"format": "llava-reid", "path": str(paths["questioner"])}
     cfg["selector"]["checkpoint"] = {"format": "llava-reid", "path": str(paths["selector"])}
-    rules = _planned_rules(_dry_run(tmp_path, cfg))
+    rules = planned_rules(_dry_run(tmp_path, cfg))
     assert {"import_retriever", "import_questioner", "import_selector", "evaluate",
             "merge_eval", "plots"} <= rules
     assert not rules & TRAINING_RULES, rules
@@ -63,7 +61,7 @@ def test_retriever_checkpoint_alone_keeps_the_rest_of_training(tmp_path):
     paths = _fake_checkpoints(tmp_path)
     cfg = small_config()
     cfg["retriever"]["checkpoint"] = {"format": "ours", "path": str(paths["questioner"])}
-    rules = _planned_rules(_dry_run(tmp_path, cfg))
+    rules = planned_rules(_dry_run(tmp_path, cfg))
     assert "import_retriever" in rules
     assert not rules & {"init_retriever", "train_retriever"}, rules
     assert {"prepare_data", "train_questioner", "warmup_selector", "train_joint"} <= rules
@@ -73,7 +71,7 @@ def test_questioner_checkpoint_without_selector_trains_the_joint_stage_from_it(t
     paths = _fake_checkpoints(tmp_path)
     cfg = small_config()
     cfg["questioner"]["checkpoint"] = {"format": "ours", "path": str(paths["questioner"])}
-    rules = _planned_rules(_dry_run(tmp_path, cfg))
+    rules = planned_rules(_dry_run(tmp_path, cfg))
     assert "import_questioner" in rules and "train_questioner" not in rules
     assert {"train_retriever", "warmup_selector", "train_joint"} <= rules
 
@@ -108,7 +106,7 @@ def test_released_preset_schedules_no_training_job(tmp_path):
         Path(file).parent.mkdir(parents=True, exist_ok=True)
         Path(file).write_text("{}")
     proc = _dry_run(tmp_path, preset, REPO / "config.yaml")
-    rules = _planned_rules(proc)
+    rules = planned_rules(proc)
     assert {"import_retriever", "import_questioner", "import_selector", "evaluate"} <= rules
     assert not rules & TRAINING_RULES, rules
     assert "build_tiny_questioner" not in rules and "synthesize_data" not in rules
@@ -578,32 +576,22 @@ def export_original_selector(path: Path, target: Path) -> None:
     torch.save({renamed.get(k, k): v for k, v in state.items()}, target)
 
 
-def _snakemake(work: Path, cfg: dict, name: str) -> subprocess.CompletedProcess:
-    cfg_file = work / f"{name}.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(work), "--cores", "2", "--configfile", str(cfg_file)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return proc
-
-
 METHODS_C = ["initial", "questioner", "selector"]
 
 
 @pytest.mark.workflow
-def test_import_only_run_reproduces_the_trained_runs_metrics(tmp_path):
+def test_import_only_run_reproduces_the_trained_runs_metrics(trained_run, tmp_path):
+    """The session's shared small trained run (read-only), exported; the import-only run is
+    built in a working directory of its own."""
     import json
 
-    cfg = small_config()
-    cfg["run"] = "trained"
-    cfg["evaluate"].update(chunks=1, methods=METHODS_C)
+    cfg = trained_run["cfg"]
+    trained = trained_run["run"]
     # IRRA's format stores no head count (OpenAI's CLIP: width / 64): the tiny CLIP follows it.
-    cfg["retriever"]["tiny"].update(hidden_size=64, heads=1)
+    assert cfg["retriever"]["tiny"]["hidden_size"] == 64 * cfg["retriever"]["tiny"]["heads"]
     # Nor has the original's selector a retrieval prior (its selector.pth cannot hold one).
-    cfg["selector"]["retrieval_prior"] = False
-    _snakemake(tmp_path, cfg, "trained")
-    trained = tmp_path / cfg["results"] / "trained"
+    assert cfg["selector"]["retrieval_prior"] is False
+    assert set(METHODS_C) <= set(cfg["evaluate"]["methods"])
 
     published = tmp_path / "published"
     published.mkdir()
@@ -616,6 +604,7 @@ def test_import_only_run_reproduces_the_trained_runs_metrics(tmp_path):
 
     imported_cfg = json.loads(json.dumps(cfg))
     imported_cfg["run"] = "imported"
+    imported_cfg["evaluate"]["methods"] = METHODS_C
     imported_cfg["questioner"]["pretrained"] = str(trained / "models/questioner_tiny")
     imported_cfg["retriever"]["checkpoint"] = {
         "format": "irra", "path": str(published / "checkpoint.pth"),
@@ -624,7 +613,7 @@ def test_import_only_run_reproduces_the_trained_runs_metrics(tmp_path):
                                                 "path": str(published / "questioner")}
     imported_cfg["selector"]["checkpoint"] = {"format": "llava-reid",
                                               "path": str(published / "joint")}
-    proc = _snakemake(tmp_path, imported_cfg, "imported")
+    proc = snakemake(tmp_path, configfiles=[write_config(tmp_path / "imported.yaml", imported_cfg)])
     ran = set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, flags=re.M))
     assert {"import_retriever", "import_questioner", "import_selector"} <= ran
     assert not ran & TRAINING_RULES, ran

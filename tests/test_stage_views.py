@@ -12,12 +12,9 @@ import dataclasses
 import json
 import re
 import shlex
-import subprocess
-import sys
 import typing
 
 import pytest
-import yaml
 
 from llava_reid.questioner.train import SFTConfig
 from llava_reid.retriever.train import RetrieverTrainingConfig
@@ -31,7 +28,7 @@ from llava_reid.stage_views import (
     stage_keys,
     typed_view,
 )
-from tests.conftest import REPO, base_config, llava_reid, small_config
+from tests.conftest import base_config, dry_run, llava_reid, small_config, write_config
 
 ALL = set(STAGE_KEYS) | {"evaluate:questioner"}
 EVAL = {"evaluate", "evaluate:questioner"}
@@ -125,13 +122,8 @@ def test_the_rules_pass_the_declared_views(tmp_path):
     """A dry run prints every job's command: its --config is the table's view, and editing one
     key changes exactly the commands of the stages that read it."""
     def commands(cfg: dict) -> dict[str, str]:
-        cfg_file = tmp_path / "cfg.yaml"
-        cfg_file.write_text(yaml.safe_dump(cfg))
-        proc = subprocess.run(
-            [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-             "--directory", str(tmp_path), "--configfile", str(cfg_file), "-n", "-p",
-             "--forceall", "--cores", "1"],
-            capture_output=True, text=True, timeout=300)
+        proc = dry_run(tmp_path, write_config(tmp_path / "cfg.yaml", cfg),
+                       args=["-p", "--forceall"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         found = {}
         for line in proc.stdout.splitlines():

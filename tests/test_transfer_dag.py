@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from llava_reid.config import load_yaml
-from tests.conftest import REPO, sglang_stand_in_env
+from tests.conftest import REPO, dry_run, planned_jobs, sglang_stand_in_env, write_config
 from tests.test_transfer_datasets import cuhk_sample, icfg_sample, rstp_sample
 
 TRAINING_RULES = {"init_retriever", "train_retriever", "prepare_data", "train_questioner",
@@ -48,29 +47,13 @@ def _preset_config(work: Path, fmt: str) -> dict:
 
 
 def _dry_run(work: Path, cfg: dict) -> subprocess.CompletedProcess:
-    cfg_file = work / "transfer.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(work), "--cores", "1", "--dry-run", "--configfile", str(cfg_file)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env=sglang_stand_in_env(work))
-
-
-def _jobs(proc: subprocess.CompletedProcess) -> list[tuple[str, str]]:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout):
-        rule = re.match(r"(?:local)?rule (\w+):", block.strip())
-        if rule:
-            wild = re.search(r"wildcards:\s*(.*)", block)
-            jobs.append((rule.group(1), wild.group(1) if wild else ""))
-    return jobs
+    return dry_run(work, write_config(work / "transfer.yaml", cfg), env=sglang_stand_in_env(work))
 
 
 @pytest.mark.parametrize("fmt", sorted(SAMPLES))
 def test_transfer_preset_trains_nothing(fmt, tmp_path):
     cfg = _preset_config(tmp_path, fmt)
-    jobs = _jobs(_dry_run(tmp_path, cfg))
+    jobs = planned_jobs(_dry_run(tmp_path, cfg))
     rules = {r for r, _ in jobs}
     assert not rules & TRAINING_RULES, rules
     assert {"load_annotations", "import_retriever", "import_questioner", "import_selector",
@@ -89,7 +72,7 @@ def test_auxiliary_similarity_is_an_input_of_evaluation(tmp_path):
     aux.write_bytes(b"")
     cfg["evaluate"]["auxiliary_similarity"]["path"] = str(aux)
     proc = _dry_run(tmp_path, cfg)
-    _jobs(proc)
+    planned_jobs(proc)
     blocks = [b for b in re.split(r"\n(?=rule \w+:)", proc.stdout)
               if b.startswith(("rule evaluate:", "rule merge_eval:"))]
     assert blocks and all(str(aux) in b for b in blocks)

@@ -7,7 +7,6 @@ chunks give the same merged metrics, that a stage resumes, and `snakemake --repo
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import subprocess
@@ -21,32 +20,28 @@ import yaml
 
 from llava_reid.artifacts import read_metadata
 from llava_reid.stage_views import METHODS
-from tests.conftest import REPO, llava_reid, small_config
+from tests.conftest import (
+    REPO,
+    copy_of_trained_run,
+    dry_run,
+    llava_reid,
+    planned_jobs,
+    planned_rules,
+    snakemake,
+    write_config,
+)
 
 pytestmark = pytest.mark.workflow
 
 METHODS = list(METHODS)
 
 
-def _snakemake(work: Path, cfg_file: Path, *args: str, check: bool = True):
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(work), "--configfile", str(cfg_file), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-6000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
-def workflow(tmp_path_factory):
-    work = tmp_path_factory.mktemp("workflow")
-    cfg = small_config()
-    cfg["evaluate"].update(chunks=2, methods=METHODS)
-    cfg_file = work / "test-config.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    _snakemake(work, cfg_file)
-    return {"work": work, "cfg": cfg, "cfg_file": cfg_file,
-            "run": work / cfg["results"] / cfg["run"]}
+def workflow(trained_run):
+    """The shared small trained run (read-only here)."""
+    assert trained_run["cfg"]["evaluate"]["methods"] == METHODS
+    assert trained_run["cfg"]["evaluate"]["chunks"] == 2
+    return trained_run
 
 
 def test_every_artifact_is_built(workflow):
@@ -152,32 +147,26 @@ def test_chunk_count_does_not_change_results(workflow, tmp_path):
     pd.testing.assert_frame_equal(d1[cols], dag[cols])
 
 
-def test_snakemake_report(workflow):
-    html = workflow["work"] / "report.html"
-    _snakemake(workflow["work"], workflow["cfg_file"], "--report", str(html))
+def test_snakemake_report(workflow, tmp_path):
+    html = tmp_path / "report.html"
+    snakemake(workflow["work"], "--report", str(html), configfiles=[workflow["cfg_file"]])
     text = html.read_text(errors="replace")
     assert html.stat().st_size > 10_000 and "recall_vs_round" in text
 
 
 def test_nothing_left_to_do_and_forcerun_one_stage(workflow):
-    dry = _snakemake(workflow["work"], workflow["cfg_file"], "--dry-run")
+    dry = dry_run(workflow["work"], workflow["cfg_file"])
+    assert dry.returncode == 0, dry.stderr[-3000:]
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
 def _planned_jobs(workflow, tmp_path, edit) -> list[tuple[str, str]]:
     """(rule, method wildcard or "") of every job a dry run plans after ``edit(cfg)``."""
-    cfg = copy.deepcopy(workflow["cfg"])
+    cfg = workflow["cfg"]
     edit(cfg)
-    cfg_file = tmp_path / "edited.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    dry = _snakemake(workflow["work"], cfg_file, "--dry-run")
-    jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry.stdout):
-        rule = re.match(r"(?:local)?rule (\w+):", block.strip())
-        if rule:
-            method = re.search(r"wildcards:.*\bmethod=(\w+)", block)
-            jobs.append((rule.group(1), method.group(1) if method else ""))
-    return jobs
+    dry = dry_run(workflow["work"], write_config(tmp_path / "edited.yaml", cfg))
+    return [(rule, method.group(1) if (method := re.search(r"\bmethod=(\w+)", wildcards)) else "")
+            for rule, wildcards in planned_jobs(dry)]
 
 
 def test_editing_generation_reruns_only_the_questioners_evaluation(workflow, tmp_path):
@@ -256,8 +245,9 @@ def test_training_resumes_after_interruption(workflow, tmp_path, stage):
         return ["--out", str(folder / "adapter"), "--metrics", str(folder / "metrics.json"),
                 "--checkpoints", str(folder / "ck")]
 
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    llava_reid(stage, *common, *outputs(whole), cfg=cfg)
+    # The uninterrupted run: the DAG's own job of this stage, on the same inputs and config.
+    whole = run / ("joint" if stage == "train-joint" else "questioner")
+    resumed = tmp_path / "resumed"
     _interrupt_after_checkpoint([stage, *common, *outputs(resumed)], cfg, resumed / "ck")
     assert not (resumed / "metrics.json").exists()
     proc = llava_reid(stage, *common, *outputs(resumed), cfg=cfg)
@@ -268,7 +258,7 @@ def test_training_resumes_after_interruption(workflow, tmp_path, stage):
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], abs=1e-4)
 
 
-def test_transfer_run_on_the_embedded_test_split(workflow):
+def test_transfer_run_on_the_embedded_test_split(workflow, tmp_path):
     """workflow/presets/transfer-embedded.yaml on the trained run as the earlier run: its test
     split in RSTPReid's layout (two captions an image), the rendered witness, our retriever's
     own scores fused in. Nothing trains; every caption is a dialogue; the report shows the
@@ -279,19 +269,19 @@ def test_transfer_run_on_the_embedded_test_split(workflow):
     from llava_reid.data.attributes import Person
     from tests.test_transfer_dag import TRAINING_RULES, _merged
 
-    work, run, cfg = workflow["work"], workflow["run"], workflow["cfg"]
+    # Its own copy of the run: the transfer run is built in the same working directory.
+    copied = copy_of_trained_run(workflow, tmp_path / "work")
+    work, run, cfg = copied["work"], copied["run"], copied["cfg"]
     preset = load_yaml((REPO / "workflow/presets/transfer-embedded.yaml").read_text())
     earlier = f"{cfg['results']}/{cfg['run']}"
     text = yaml.safe_dump(preset).replace("results/embedded/", f"{earlier}/")
     tcfg = _merged(cfg, yaml.safe_load(text))
     tcfg["dialogue"]["rounds"] = 5
     tcfg["evaluate"]["chunks"] = 1
-    cfg_file = work / "transfer-config.yaml"
-    cfg_file.write_text(yaml.safe_dump(tcfg, sort_keys=False))
-    dry = _snakemake(work, cfg_file, "--dry-run")
-    planned = set(re.findall(r"^(?:local)?rule (\w+):", dry.stdout, flags=re.M))
+    cfg_file = write_config(work / "transfer-config.yaml", tcfg)
+    planned = planned_rules(dry_run(work, cfg_file))
     assert "import_retriever" in planned and not planned & TRAINING_RULES, planned
-    _snakemake(work, cfg_file)
+    snakemake(work, configfiles=[cfg_file])
 
     out = work / tcfg["results"] / tcfg["run"]
     test_images = pd.read_parquet(run / "features/test_gallery.parquet")
