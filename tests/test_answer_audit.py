@@ -84,19 +84,13 @@ def test_mismatch_and_gain_tables(tmp_path):
         audit(tmp_path / "nothing")
 
 
-def test_candidate_effect_compares_the_first_round(tmp_path):
+def test_candidate_effect_counts_rounds_where_the_selector_leaves_the_top_k(tmp_path):
     from llava_reid.report.answer_audit import candidate_effect
 
-    def write(method, candidates, questions):
-        rows = [(q, 0, c, text) for q, (c, text) in enumerate(zip(candidates, questions,
-                                                                  strict=True))]
-        rows.append((0, 1, [9], "later rounds are ignored"))
-        (tmp_path / method).mkdir()
-        pd.DataFrame(rows, columns=["query_id", "round", "candidates", "question"]).to_parquet(
-            tmp_path / method / "dialogues.parquet")
-
-    write("questioner", [[1, 2], [3, 4], [5, 6]], ["hat?", "bag?", "hair?"])
-    write("selector", [[1, 2], [3, 7], [5, 8]], ["hat?", "shoes?", "hair?"])
-    assert candidate_effect(tmp_path) == {
-        "dialogues": 3, "candidates_differ": 2, "question_differs_with_other_candidates": 1,
-        "question_differs_with_same_candidates": 0}
+    rows = [(0, [1, 2], [1, 2, 3], "hat?"), (1, [1, 3], [1, 2, 3], "bag?"),
+            (0, [5, 6], [5, 6, 7], "hair?"), (2, [], [5, 6, 7], "")]  # last round: no question
+    (tmp_path / "selector").mkdir()
+    pd.DataFrame(rows, columns=["round", "candidates", "top_k", "question"]).to_parquet(
+        tmp_path / "selector" / "dialogues.parquet")
+    assert candidate_effect(tmp_path) == {"rounds": 3, "candidates_differ": 1, "round0": 2,
+                                          "round0_candidates_differ": 0}
