@@ -53,7 +53,7 @@ ANNOTATED_A = ("His shoes were white.", "Yes, he carried a black backpack.",
 DEFAULT_ACFG = {
     "kind": "annotated",
     "idk_min_question_chars": 15,
-    "annotated": {"encoder": None, "threshold": 0.55},
+    "annotated": {"encoder": None, "threshold": 0.55, "lexical_ratio": 0.4},
     "openai": {"base_url": None, "model": None, "api_key_env": "LLAVA_REID_ANSWERER_API_KEY",
                "max_concurrency": 32, "timeout_s": 60, "max_retries": 4, "temperature": 0.0,
                "top_p": 1.0, "max_tokens": 48},
@@ -310,8 +310,12 @@ def test_build_answerer_annotated(monkeypatch, encoder):
             return encoder
 
     monkeypatch.setattr(annotated_mod, "SentenceEncoder", Reused)
-    default = build_answerer(DEFAULT_ACFG)
-    assert isinstance(default, Answerer) and default.name == "annotated:all-MiniLM-L6-v2:t=0.55"
+    with pytest.raises(ValueError, match="lexical_ratio needs a question bank"):
+        build_answerer(DEFAULT_ACFG)
+    bank = list(zip(ANNOTATED_Q, ANNOTATED_A, strict=True))
+    default = build_answerer(DEFAULT_ACFG, question_bank=bank)
+    assert isinstance(default, Answerer)
+    assert default.name.startswith("annotated:all-MiniLM-L6-v2:t=0.55:lex=0.4:bank=5:")
     assert default.answer([req("x", "What color are his shoes?")]) == [ANNOTATED_A[0]]
     a = build_answerer({**DEFAULT_ACFG, "idk_min_question_chars": 3,
                         "annotated": {"encoder": None, "threshold": 0.6}})
@@ -319,6 +323,64 @@ def test_build_answerer_annotated(monkeypatch, encoder):
     assert a.answer([req("x", "Shoes?")]) == [ANNOTATED_A[0]]  # 6 chars >= 3: asked
     with pytest.raises(ValueError, match="unknown answerer.kind"):
         build_answerer({**DEFAULT_ACFG, "kind": "oracle"})
+
+
+# The split's bank: other people's pairs about sweaters, hats and legs besides the target's.
+BANK = (*zip(ANNOTATED_Q, ANNOTATED_A, strict=True),
+        ("What colour was her sweater?", "Her sweater was red."),
+        ("Was her sweater white, grey or blue? A) white B) grey C) blue", "B) Her sweater was grey."),
+        ("Was she wearing a hat?", "Yes, she wore a green cap."),
+        ("Did she have anything on her head?", "She wore a green cap."),
+        ("What colour was her hair?", "Her hair was blonde."),
+        ("Was her hair blonde, red or brown? A) blonde B) red C) brown", "A) Her hair was blonde."))
+TARGET_Q = ("Was her hair blonde, red or brown? A) blonde B) red C) brown",
+            "Did she have anything on her head?", "What colour were her shoes?")
+TARGET_A = ("A) Her hair was blonde.", "She wore a green cap.", "Her shoes were black.")
+
+
+def test_annotated_lexical_check_refuses_another_items_fact(encoder):
+    """The issue's case: a sweater question, the target annotated only hair, headwear and
+    shoes. Similarity alone answers with the hair fact; the lexical check says IDK."""
+    from llava_reid.answerer.annotated import AnnotatedAnswerer
+
+    sweater = req("0", "Was her sweater white, grey or blue?", qs=TARGET_Q, ans=TARGET_A)
+    legs = req("1", "What did she wear on her legs?", qs=TARGET_Q, ans=TARGET_A)
+    plain = AnnotatedAnswerer(encoder)
+    assert plain.answer([sweater])[0] in TARGET_A  # another item's fact: what the check removes
+    checked = AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=BANK)
+    assert checked.answer([sweater, legs]) == [IDK, IDK]
+
+
+def test_annotated_lexical_check_keeps_paraphrases(encoder):
+    from llava_reid.answerer.annotated import AnnotatedAnswerer
+
+    checked = AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=BANK)
+    cases = {
+        "What colour was her hair?": TARGET_A[0],
+        "What color are her shoes?": TARGET_A[2],
+        # No word in common with the target's headwear pair, but the bank's "Was she wearing a
+        # hat?" was answered the same way, so its words count for that pair.
+        "Was she wearing a hat?": TARGET_A[1],
+    }
+    got = checked.answer([req(str(i), q, qs=TARGET_Q, ans=TARGET_A)
+                          for i, q in enumerate(cases)])
+    assert got == list(cases.values())
+    # The original annotations' answers pass the check with the default bank as well.
+    assert AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=BANK).answer(
+        [req("x", "Was he carrying a bag?")]) == [ANNOTATED_A[1]]
+
+
+def test_annotated_lexical_check_needs_a_bank_and_names_it(encoder):
+    from llava_reid.answerer.annotated import AnnotatedAnswerer
+
+    with pytest.raises(ValueError, match="needs a question bank"):
+        AnnotatedAnswerer(encoder, lexical_ratio=0.4)
+    with pytest.raises(ValueError, match="question bank is empty"):
+        AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=[])
+    a = AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=BANK)
+    b = AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=BANK[:-1])
+    c = AnnotatedAnswerer(encoder, lexical_ratio=0.5, question_bank=BANK)
+    assert len({a.name, b.name, c.name}) == 3  # cached answers are never shared between them
 
 
 # =========================================================================================

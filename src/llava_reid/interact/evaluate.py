@@ -91,6 +91,15 @@ def load_dialogues(annotations: str, queries: str, ids: list[int]) -> list[Dialo
     return out
 
 
+def question_bank(annotations: str, image_idx) -> list[tuple[str, str]]:
+    """Every annotated (question, answer) pair of the gallery's images (the whole test split,
+    whatever the chunk, so every chunk's answerer is the same)."""
+    rows = read_annotations(annotations).set_index("image_idx")
+    ids = [int(i) for i in (image_idx.tolist() if hasattr(image_idx, "tolist") else image_idx)]
+    return [(str(q), str(a)) for i in ids if i in rows.index
+            for q, a in zip(rows.loc[i].questions, rows.loc[i].answers, strict=True)]
+
+
 def restore(dialogues: list[Dialogue], rows: pd.DataFrame) -> int:
     """Replay saved rounds onto fresh dialogues; returns the next round to run."""
     if rows.empty:
@@ -219,7 +228,8 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
 
     # A witness that looks at the target image (transfer) gets the image files.
     images = TargetImages(annotations, image_root) if image_root else None
-    answerer = build_answerer(cfg["answerer"], answers_cache, seed=cfg["seed"], images=images)
+    answerer = build_answerer(cfg["answerer"], answers_cache, seed=cfg["seed"], images=images,
+                              question_bank=question_bank(annotations, test_gallery.image_idx))
     asker = build_asker(method, cfg, encoder, test_gallery, {
         "questioner": questioner, "adapter": adapter, "visual_tokens": visual_tokens,
         "selector": selector})
