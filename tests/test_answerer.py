@@ -318,7 +318,7 @@ def test_build_answerer_annotated(monkeypatch, encoder):
     assert default.name.startswith("annotated:all-MiniLM-L6-v2:t=0.55:lex=0.4:bank=5:")
     assert default.answer([req("x", "What color are his shoes?")]) == [ANNOTATED_A[0]]
     a = build_answerer({**DEFAULT_ACFG, "idk_min_question_chars": 3,
-                        "annotated": {"encoder": None, "threshold": 0.6}})
+                        "annotated": {"encoder": None, "threshold": 0.6, "lexical_ratio": None}})
     assert a.name == "annotated:all-MiniLM-L6-v2:t=0.6"
     assert a.answer([req("x", "Shoes?")]) == [ANNOTATED_A[0]]  # 6 chars >= 3: asked
     with pytest.raises(ValueError, match="unknown answerer.kind"):
