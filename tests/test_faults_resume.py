@@ -347,6 +347,20 @@ def test_unreadable_partial_chunk_is_discarded_with_a_log_line(dag, tmp_path):
     assert pq.read_table(tmp_path / "chunk.parquet").equals(expected)
 
 
+@pytest.mark.parametrize("method", ["initial", "oracle"])
+def test_baselines_that_answer_themselves_never_start_the_witness(dag, tmp_path, method):
+    """An SGLang witness that cannot start (no such model, no sglang here) does not matter to
+    the chunks of askers that answer from the annotations: same rows as the DAG's."""
+    cfg = json.loads(json.dumps(dag["cfg"]))
+    cfg["answerer"]["kind"] = "sglang"
+    cfg["answerer"]["sglang"]["model_path"] = str(tmp_path / "no-such-witness-model")
+    chunks = cfg["evaluate"]["chunks"]
+    _run(_eval_args(dag, tmp_path, tmp_path, method=method, chunks=chunks), cfg)
+    expected = pq.read_table(dag["run"] / f"eval/{method}/chunks/0-of-{chunks}.parquet")
+    assert pq.read_table(tmp_path / "chunk.parquet").equals(expected)
+    assert not (tmp_path / "answers.sglang-server.log").exists()
+
+
 # -- the DAG ------------------------------------------------------------------------------------
 
 

@@ -70,6 +70,7 @@ class RoundContext:
 class InitialOnly:
     name = "initial"
     label = "Initial query only"
+    asks_witness = False  # every Asked carries its answer
 
     def ask(self, ctx: RoundContext) -> list[Asked]:
         return [Asked("", answer="") for _ in ctx.dialogues]
@@ -78,6 +79,7 @@ class InitialOnly:
 class RandomAnnotated:
     name = "random"
     label = "Random annotated question"
+    asks_witness = True
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -98,6 +100,7 @@ class RandomAnnotated:
 class LookAheadOracle:
     name = "oracle"
     label = "Look-ahead oracle (upper bound)"
+    asks_witness = False  # answers with the annotation it chose
 
     def __init__(self, encoder, gallery: Gallery, batch_size: int):
         self.encoder, self.gallery, self.batch_size = encoder, gallery, batch_size
@@ -129,6 +132,7 @@ class QuestionerAsker:
     """The trained questioner; candidates from plain top-k or from the selector."""
 
     REDRAWS = 8
+    asks_witness = True
 
     def __init__(self, questioner, visual_cache, gallery: Gallery, generation, seed: int,
                  pool_size: int, num_candidates: int, batch_size: int, selector=None):

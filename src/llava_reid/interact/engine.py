@@ -72,6 +72,9 @@ class DialogueEngine:
             )
             for i in todo
         ]
+        if requests and self.answerer is None:
+            raise RuntimeError(f"{type(self.asker).__name__} left {len(requests)} questions "
+                               "unanswered but the dialogue has no answerer")
         got = self.answerer.answer(requests) if requests else []
         answers = [a.answer for a in asked]
         for i, text in zip(todo, got, strict=True):

@@ -226,13 +226,18 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
     from llava_reid.answerer import build_answerer
     from llava_reid.answerer.visual import TargetImages
 
-    # A witness that looks at the target image (transfer) gets the image files.
-    images = TargetImages(annotations, image_root) if image_root else None
-    answerer = build_answerer(cfg["answerer"], answers_cache, seed=cfg["seed"], images=images,
-                              question_bank=question_bank(annotations, test_gallery.image_idx))
     asker = build_asker(method, cfg, encoder, test_gallery, {
         "questioner": questioner, "adapter": adapter, "visual_tokens": visual_tokens,
         "selector": selector})
+    # Askers that answer from the annotations themselves (initial, oracle) never build the
+    # witness, so no SGLang server is started for their chunks.
+    answerer = None
+    if asker.asks_witness:
+        # A witness that looks at the target image (transfer) gets the image files.
+        images = TargetImages(annotations, image_root) if image_root else None
+        answerer = build_answerer(cfg["answerer"], answers_cache, seed=cfg["seed"],
+                                  images=images, question_bank=question_bank(
+                                      annotations, test_gallery.image_idx))
     engine = DialogueEngine(encoder, test_gallery, asker, answerer, dcfg["rounds"],
                             dcfg["pool_size"], cfg["features"]["batch_size"], auxiliary=auxiliary)
     rows = done.to_dict("records")
@@ -249,7 +254,8 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
     try:
         engine.run(dialogues, start, checkpoint)
     finally:
-        answerer.close()
+        if answerer is not None:
+            answerer.close()
     meta["seconds"] = round(time.time() - started, 1)
     write_table(rows_table(rows, encoder.dim), out, "dialogues", config_hash=tag,
                 producer="evaluate", extra_metadata={**meta, "label": asker.label})
