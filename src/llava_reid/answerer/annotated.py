@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,20 +33,13 @@ import numpy as np
 
 from llava_reid.answerer.base import IDK, AnswerRequest, check_unique_ids, too_short
 from llava_reid.interact.query import clean_answer
-from llava_reid.interact.repeats import FUNCTION_WORDS
+from llava_reid.interact.repeats import plain_content_words
 
 log = logging.getLogger(__name__)
 
 # The lowest similarity that keeps every paraphrase of an annotated question (calibration:
 # bench/RESULTS.md, "Annotated answerer"); answerer.annotated.lexical_ratio is calibrated there too.
 DEFAULT_THRESHOLD = 0.55
-_WORD = re.compile(r"[a-z]+")
-
-
-def content_words(text: str) -> frozenset[str]:
-    """Lower-cased words of three or more letters, without the generic function words."""
-    return frozenset(w for w in _WORD.findall(text.lower())
-                     if len(w) >= 3 and w not in FUNCTION_WORDS)
 
 
 class LexicalBank:
@@ -77,7 +69,7 @@ class LexicalBank:
     def words(self, question: str, answer: str) -> frozenset[str]:
         """A pair's words: its question, its answer, and the bank's questions answered alike."""
         same = self.questions_by_answer.get(self._answer_key(answer), ())
-        return content_words(" ".join([question, answer, *sorted(same)]))
+        return plain_content_words(" ".join([question, answer, *sorted(same)]))
 
     def vector(self, words: Iterable[str]) -> dict[str, float]:
         weights = {w: self.idf.get(w, self.unseen_idf) for w in words}
@@ -255,7 +247,7 @@ class AnnotatedAnswerer:
         the bank's best pair does (always true without a bank)."""
         if self.bank is None:
             return True
-        asked = self.bank.vector(content_words(question))
+        asked = self.bank.vector(plain_content_words(question))
         match = self.bank.cosine(asked, self.bank.vector(self.bank.words(annotated_q,
                                                                         annotated_a)))
         return match > 0.0 and match >= self.lexical_ratio * self.bank.best(asked)

@@ -95,7 +95,7 @@ def question_bank(annotations: str, image_idx) -> list[tuple[str, str]]:
     """Every annotated (question, answer) pair of the gallery's images (the whole test split,
     whatever the chunk, so every chunk's answerer is the same)."""
     rows = read_annotations(annotations).set_index("image_idx")
-    ids = [int(i) for i in (image_idx.tolist() if hasattr(image_idx, "tolist") else image_idx)]
+    ids = [int(i) for i in image_idx.tolist()]
     return [(str(q), str(a)) for i in ids if i in rows.index
             for q, a in zip(rows.loc[i].questions, rows.loc[i].answers, strict=True)]
 

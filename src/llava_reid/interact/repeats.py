@@ -45,9 +45,15 @@ ATTRIBUTE_OF |= {w: "<footwear>" for w in ("shoes", "shoe", "sneakers", "boots",
                                           "sandals")}
 
 
-def content_words(text: str) -> frozenset[str]:
-    return frozenset(ATTRIBUTE_OF.get(w, w) for w in re.findall(r"[a-z]+", text.lower())
+def plain_content_words(text: str) -> frozenset[str]:
+    """Lower-cased words of three or more letters, without the function words."""
+    return frozenset(w for w in re.findall(r"[a-z]+", text.lower())
                      if len(w) >= 3 and w not in FUNCTION_WORDS)
+
+
+def content_words(text: str) -> frozenset[str]:
+    """The plain content words with attribute values and item synonyms folded."""
+    return frozenset(ATTRIBUTE_OF.get(w, w) for w in plain_content_words(text))
 
 
 def overlap(a: str, b: str) -> float:
