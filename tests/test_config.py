@@ -66,3 +66,36 @@ def test_inline_views_are_checked_key_by_key_files_section_by_section(tmp_path):
 def test_the_schema_allows_exactly_the_methods_the_code_knows():
     methods = load_schema()["properties"]["evaluate"]["properties"]["methods"]
     assert tuple(methods["items"]["enum"]) == METHODS
+
+
+DEFAULTED = ("prior_lr", "loss", "pool_dropout")  # selector.warmup keys with a schema default
+
+
+def test_loading_fills_the_schema_defaults_as_snakemake_validate_does(tmp_path):
+    from snakemake.utils import validate
+
+    cfg = repo_config()
+    for key in DEFAULTED:
+        del cfg["selector"]["warmup"][key]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    by_snakemake = json.loads(json.dumps(cfg))
+    validate(by_snakemake, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    assert load_config(str(path)) == load_config(json.dumps(cfg)) == by_snakemake
+    warmup = load_config(str(path))["selector"]["warmup"]
+    assert [warmup[k] for k in DEFAULTED] == [0.01, "plackett_luce", 0.0]
+    # A value the config sets is kept; an absent section is not created.
+    cfg["selector"]["warmup"]["loss"] = "bce"
+    assert load_config(json.dumps(cfg))["selector"]["warmup"]["loss"] == "bce"
+    assert "selector" not in load_config(json.dumps({"seed": 1}))
+
+
+def test_a_view_gets_defaults_only_under_the_keys_its_stage_reads():
+    from llava_reid.stage_views import stage_keys
+
+    warmup = {k: v for k, v in repo_config()["selector"]["warmup"].items() if k not in DEFAULTED}
+    view = {"seed": 1, "selector": {"heads": 4, "dropout": 0.0, "warmup": warmup}}
+    # import-selector passes selector.heads and selector.dropout, not selector.warmup.
+    assert load_config(json.dumps(view), stage_keys("import-selector")) == view
+    filled = load_config(json.dumps(view), stage_keys("warmup-selector"))
+    assert set(filled["selector"]["warmup"]) == set(warmup) | set(DEFAULTED)

@@ -481,7 +481,8 @@ def test_original_selector_scores_as_ours(tmp_path):
     # Nothing beside it and no --adapter: no joint adapter to write.
     proc = llava_reid("import-selector", "--from", "llava-reid", str(tmp_path / "selector.pth"),
                       "--out", str(tmp_path / "x.safetensors"), "--out-adapter",
-                      str(tmp_path / "x"), cfg={"selector": {"heads": 4}}, check=False)
+                      str(tmp_path / "x"), cfg={"selector": {"heads": 4, "dropout": 0.1}},
+                      check=False)
     assert proc.returncode != 0 and "no adapter beside" in proc.stderr
 
     state = original.state_dict()

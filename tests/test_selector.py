@@ -300,8 +300,9 @@ WARM = {"epochs": 3, "batch_size": 32, "lr": 1e-3, "prior_lr": 3e-2, "loss": "pl
 def test_warmup_imitates_plain_top_k_on_held_out_pools():
     query, pools, rounds, feats, groups = synthetic_pools()
     heldout = torch.from_numpy(warmup.holdout_mask(groups, 0.2, 0))
-    kw = {"pool_size": 40, "num_candidates": 4, "model_cfg": MODEL, "warmup_cfg": WARM,
-          "seed": 0}
+    kw = {"pool_size": 40, "num_candidates": 4,
+          "architecture": warmup.SelectorArchitecture(**MODEL),
+          "schedule": warmup.WarmupSchedule(**WARM), "seed": 0}
     model, metrics = warmup.train_warmup(query, pools, rounds, feats, heldout, **kw)
     assert metrics["heldout_agreement"] >= 0.9
     assert metrics["heldout_mean_overlap"] >= metrics["heldout_agreement"]
@@ -325,8 +326,10 @@ def test_warmup_without_prior_learns(loss):
     heldout = torch.from_numpy(warmup.holdout_mask(groups, 0.2, 0))
     _, metrics = warmup.train_warmup(
         query, pools, rounds, feats, heldout, pool_size=16, num_candidates=4,
-        model_cfg={**MODEL, "retrieval_prior": False, "dropout": 0.0},
-        warmup_cfg={**WARM, "epochs": 4, "lr": 3e-3, "loss": loss, "pool_dropout": 0.3},
+        architecture=warmup.SelectorArchitecture(**{**MODEL, "retrieval_prior": False,
+                                                    "dropout": 0.0}),
+        schedule=warmup.WarmupSchedule(**{**WARM, "epochs": 4, "lr": 3e-3, "loss": loss,
+                                          "pool_dropout": 0.3}),
         seed=0)
     history = metrics["history"]
     assert history[-1]["loss"] < history[1]["loss"]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from llava_reid import __version__
 from llava_reid.config import load_config
 from llava_reid.runtime import setup_logging
-from llava_reid.stage_views import METHODS, STAGE_KEYS, StageConfig
+from llava_reid.stage_views import METHODS, STAGE_KEYS, StageConfig, stage_keys
 from llava_reid.usage import StageUsage
 
 # subcommand -> (module, function, help, [(flag, kwargs), ...])
@@ -454,10 +454,14 @@ def main(argv: list[str] | None = None) -> int:
         if k not in ("command", "config", "log_level", "nproc", "verbose")
     }
     try:
-        cfg = load_config(args.config)
+        method = getattr(args, "method", None)
         if args.config.lstrip().startswith("{") and args.command in STAGE_KEYS:
-            # A rule's view: reading a key the rule does not pass is an error, not a silent miss.
-            cfg = StageConfig.wrap(cfg, args.command, getattr(args, "method", None))
+            # A rule's view: the schema's defaults fill only the keys it passes, and reading a
+            # key the rule does not pass is an error, not a silent miss.
+            cfg = load_config(args.config, stage_keys(args.command, method))
+            cfg = StageConfig.wrap(cfg, args.command, method)
+        else:
+            cfg = load_config(args.config)
         usage = StageUsage(args.command)
         _resolve(module, function)(cfg, **kwargs)
         usage.report()

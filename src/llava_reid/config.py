@@ -3,12 +3,16 @@
 The schema is workflow/schemas/config.schema.yaml, the file the Snakefile validates against;
 wheels ship it inside the package (setup.py copies it at build time), so an installed package
 validates against the same file. Errors say which key is wrong and why, one line per problem.
+Like Snakemake's ``validate``, loading fills the schema's ``default:`` values in, so a stage run
+by hand reads the same settings as one run by the workflow, and the schema is their one source.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ import jsonschema
 import yaml
 
 from llava_reid.consistency import problems
+from llava_reid.stage_views import passed_tree
 
 SCHEMA_NAME = "config.schema.yaml"
 
@@ -78,6 +83,23 @@ def _without_required(schema: Any) -> Any:
     return schema
 
 
+def fill_defaults(cfg: Any, schema: dict[str, Any], passed: Any = True) -> None:
+    """Set, in place, every absent key whose schema entry has a ``default``, inside each object
+    ``cfg`` holds: what Snakemake's ``validate`` does to the workflow's config (an absent
+    section stays absent). ``passed`` (a :func:`~llava_reid.stage_views.passed_tree`) limits
+    the filling to a stage's keys, so a view never gains a key its rule does not pass."""
+    if not isinstance(cfg, dict):
+        return
+    for key, entry in schema.get("properties", {}).items():
+        node = passed if passed is True else passed.get(key)
+        if not node:
+            continue
+        if key not in cfg and "default" in entry:
+            cfg[key] = copy.deepcopy(entry["default"])
+        if key in cfg:
+            fill_defaults(cfg[key], entry, node)
+
+
 def validate_section(cfg: dict[str, Any], source: str, view: bool = False) -> None:
     """Validate the keys present in ``cfg`` against their schema entries.
 
@@ -111,9 +133,10 @@ def check_workflow_config(cfg: dict[str, Any], source: str = "config") -> None:
     _check(cfg, load_schema(), source)
 
 
-def load_config(value: str) -> dict[str, Any]:
+def load_config(value: str, keys: Iterable[str] | None = None) -> dict[str, Any]:
     """``value`` is inline JSON (what the rules pass: a stage's view, see ``validate_section``)
-    or the path of a YAML/JSON config file (its sections are checked in full)."""
+    or the path of a YAML/JSON config file (its sections are checked in full). The schema's
+    defaults are filled in; with ``keys`` (the dotted keys a stage reads) only under those."""
     view = value.lstrip().startswith("{")
     if view:
         source = "--config (inline JSON)"
@@ -132,5 +155,6 @@ def load_config(value: str) -> dict[str, Any]:
             raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from err
         if not isinstance(cfg, dict):
             raise ConfigError(f"{path}: config must be a mapping")
+    fill_defaults(cfg, load_schema(), True if keys is None else passed_tree(keys))
     validate_section(cfg, source, view=view)
     return cfg

@@ -101,7 +101,7 @@ class ConfigKeyNotPassed(LookupError):
     """A stage read a config key that its rule does not pass it."""
 
 
-def _passed_tree(keys: Iterable[str]) -> dict[str, Any]:
+def passed_tree(keys: Iterable[str]) -> dict[str, Any]:
     """Dotted keys as a tree: ``True`` marks a subtree passed whole."""
     tree: dict[str, Any] = {}
     for key in keys:
@@ -133,7 +133,7 @@ class StageConfig(dict):
 
     @classmethod
     def wrap(cls, view: dict[str, Any], stage: str, method: str | None = None) -> StageConfig:
-        return cls(view, _passed_tree(stage_keys(stage, method)), stage)
+        return cls(view, passed_tree(stage_keys(stage, method)), stage)
 
     def _check(self, key: object) -> None:
         if key not in self._passed:
@@ -164,23 +164,37 @@ def config_key(path: str) -> Any:
     return dataclasses.field(metadata={"key": path})
 
 
+def _optional(kind: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None``, else ``(kind, False)``."""
+    args = typing.get_args(kind)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None)), True
+    return kind, False
+
+
 def typed_view(cls: type[View], section: Mapping[str, Any]) -> View:
     """The frozen dataclass ``cls`` filled from a validated config ``section``.
 
     Each field reads the key of its name, or the dotted path given by :func:`config_key`; a
-    field whose type is itself a dataclass is filled from the sub-section it names. Reads go
-    through the mapping given, so from a :class:`StageConfig` a key the rule does not pass
-    fails here, at once, naming the key. The dataclasses declare no defaults: the schema and
-    config.yaml hold them, and the validated config carries them.
+    field whose type is itself a dataclass is filled from the sub-section it names. A field
+    typed ``X | None`` is None where the config leaves that optional key out (the schema does
+    not require it). Reads go through the mapping given, so from a :class:`StageConfig` a key
+    the rule does not pass fails here, at once, naming the key. The dataclasses declare no
+    defaults: the schema and config.yaml hold them, and the validated config carries them.
     """
     hints = typing.get_type_hints(cls)
     values = {}
     for field in dataclasses.fields(cls):
+        kind, optional = _optional(hints[field.name])
         value: Any = section
-        for name in field.metadata.get("key", field.name).split("."):
-            value = value[name]
-        kind = hints[field.name]
-        if dataclasses.is_dataclass(kind):
+        try:
+            for name in field.metadata.get("key", field.name).split("."):
+                value = value[name]
+        except KeyError:  # not ConfigKeyNotPassed: a key the rule does not pass still fails
+            if not optional:
+                raise
+            value = None
+        if value is not None and dataclasses.is_dataclass(kind):
             value = typed_view(kind, value)
         values[field.name] = value
     return cls(**values)

@@ -4,7 +4,7 @@
   (post-norm encoder layers, GELU, no position embedding, no retrieval prior), so the encoder
   keys carry over unchanged; ``modality_embed`` -> ``modality`` and ``selector`` -> ``head``.
   Sizes come from the tensors; the head count, which tensors cannot tell, from
-  ``selector.heads`` (the original's default 8).
+  ``selector.heads`` (without a ``selector`` section: the original's 8).
 - ``ours``: an earlier run's selector ``.safetensors``, loaded to validate, then copied.
 
 In the DAG this stands in for joint training, so it also writes ``joint/adapter``: the
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_reid.artifacts import atomic_dir, atomic_path, write_json
+from llava_reid.config import ConfigError
 from llava_reid.questioner.importing import import_adapter
 from llava_reid.questioner.original_layout import CONFIG_FILE
 from llava_reid.retriever.irra_layout import read_state_dict
@@ -31,6 +32,9 @@ from llava_reid.selector.model import FILE_NAME, Selector
 log = logging.getLogger(__name__)
 
 ORIGINAL_FILE = "selector.pth"
+# The original's selector was built with 8 heads and dropout 0.1, which its tensors cannot
+# tell: a hand-run import given no ``selector`` section converts with these.
+ORIGINAL_ARCHITECTURE = {"heads": 8, "dropout": 0.1}
 RENAMED = {"modality_embed.weight": "modality.weight", "selector.weight": "head.weight"}
 ENCODER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
 
@@ -87,10 +91,15 @@ def published_adapter(source: str, path: str | Path) -> Path | None:
 def run(cfg: dict[str, Any], source: str, path: str, out: str, retriever: str | None = None,
         adapter: str | None = None, out_adapter: str | None = None, model: str | None = None,
         metrics: str | None = None) -> None:
-    selector_cfg = cfg.get("selector", {})
+    # The rule passes selector.heads and selector.dropout (validated); a section given by hand
+    # must hold both, like the rule's.
+    selector_cfg = cfg.get("selector", ORIGINAL_ARCHITECTURE)
+    missing = [f"selector.{k}" for k in ORIGINAL_ARCHITECTURE if k not in selector_cfg]
+    if source == "llava-reid" and missing:
+        raise ConfigError(f"import-selector: --config lacks {' and '.join(missing)} (give both, "
+                          "or no selector section for the original's 8 heads, dropout 0.1)")
     if source == "llava-reid":
-        selector = convert_original(path, selector_cfg.get("heads", 8),
-                                    selector_cfg.get("dropout", 0.1))
+        selector = convert_original(path, selector_cfg["heads"], selector_cfg["dropout"])
     elif source == "ours":
         selector = Selector.load(path)
     else:

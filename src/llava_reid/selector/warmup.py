@@ -33,10 +33,13 @@ retriever's text tower, computed once: training then runs on tensors only.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,13 +51,58 @@ from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash, resolve_device, seed_everything
 from llava_reid.selector.model import Selector
 from llava_reid.selector.sampler import selectable_mask, topk_positions
+from llava_reid.stage_views import config_key, typed_view
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("plackett_luce", "bce")
-# Optional keys of the ``selector.warmup`` config section and their values when absent.
-WARMUP_DEFAULTS = {"loss": "plackett_luce", "prior_lr": 1e-2, "pool_dropout": 0.0}
 TRAIN_EVAL_ROWS = 1000  # training pools (at least) on which the fit is measured
+
+
+@dataclass(frozen=True)
+class SelectorArchitecture:
+    """The ``selector`` section's model settings: what a fresh :class:`Selector` is built of."""
+
+    layers: int
+    heads: int
+    ffn: int
+    dropout: float
+    retrieval_prior: bool
+
+
+@dataclass(frozen=True)
+class WarmupSchedule:
+    """The ``selector.warmup`` section (loss, prior_lr and pool_dropout: the schema's defaults
+    when a config leaves them out)."""
+
+    epochs: int
+    batch_size: int  # pools per step, one round per batch
+    lr: float
+    prior_lr: float  # the retrieval prior's log-scale
+    loss: str  # one of LOSSES
+    pool_dropout: float
+    holdout: float  # share of identities held out to measure agreement
+    text_batch_size: int
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Every setting warmup-selector reads, built once from its validated config view."""
+
+    seed: int
+    device: str
+    architecture: SelectorArchitecture = config_key("selector")
+    schedule: WarmupSchedule = config_key("selector.warmup")
+    pool_size: int = config_key("dialogue.pool_size")
+    num_candidates: int = config_key("dialogue.num_candidates")
+    # The section as passed: the artifact's config hash covers it whole.
+    selector: Mapping[str, Any]
+
+    def tag(self) -> dict[str, Any]:
+        """What the warmed-up selector's ``config_hash`` is computed from."""
+        return {"selector": self.selector,
+                "dialogue": {"pool_size": self.pool_size, "num_candidates": self.num_candidates},
+                "seed": self.seed}
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -202,12 +250,12 @@ def agreement_with_topk(model: Selector, query_feats, pool_rows, rounds, valid, 
 # -- training --------------------------------------------------------------------------------
 
 
-def _param_groups(model: Selector, warmup_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def _param_groups(model: Selector, prior_lr: float) -> list[dict[str, Any]]:
     prior = [p for n, p in model.named_parameters() if n == "prior_log_scale"]
     rest = [p for n, p in model.named_parameters() if n != "prior_log_scale"]
     groups = [{"params": rest}]
     if prior:
-        groups.append({"params": prior, "lr": warmup_cfg["prior_lr"]})
+        groups.append({"params": prior, "lr": prior_lr})
     return groups
 
 
@@ -220,8 +268,8 @@ def train_warmup(
     *,
     pool_size: int,
     num_candidates: int,
-    model_cfg: dict[str, Any],
-    warmup_cfg: dict[str, Any],
+    architecture: SelectorArchitecture,
+    schedule: WarmupSchedule,
     seed: int,
     device: torch.device | str = "cpu",
 ) -> tuple[Selector, dict[str, Any]]:
@@ -231,15 +279,14 @@ def train_warmup(
     pool_rows: [R, L] gallery rows of each pool, best first (L <= pool_size);
     rounds: [R] 0-based rounds; gallery_feats: [G, D] L2-normalised image features;
     heldout: [R] bool, rows kept out of training and used for the agreement metric.
-    model_cfg: layers, heads, ffn, dropout, retrieval_prior (the ``selector`` section);
-    warmup_cfg: epochs, batch_size, lr and optionally loss, prior_lr, pool_dropout.
+    architecture: the fresh selector's settings; schedule: how it trains (``holdout`` and
+    ``text_batch_size`` are the stage's, not read here).
     """
     device = torch.device(device)
     n_targets = num_candidates - 1
     if n_targets < 1:
         raise ValueError("selector warm-up needs num_candidates >= 2")
-    warmup_cfg = {**WARMUP_DEFAULTS, **warmup_cfg}
-    loss_kind = warmup_cfg["loss"]
+    loss_kind = schedule.loss
     if loss_kind not in LOSSES:
         raise ValueError(f"unknown selector warm-up loss {loss_kind!r}; known: {LOSSES}")
     rounds = rounds.long().cpu()
@@ -253,25 +300,22 @@ def train_warmup(
         raise ValueError("selector warm-up: no training pools (all held out or too short)")
 
     seed_everything(seed)
-    model = Selector(gallery_feats.shape[1], **{
-        k: model_cfg[k]
-        for k in ("layers", "heads", "ffn", "dropout", "retrieval_prior") if k in model_cfg
-    }).to(device)
-    optimizer = torch.optim.Adam(_param_groups(model, warmup_cfg), lr=warmup_cfg["lr"])
+    model = Selector(gallery_feats.shape[1], **dataclasses.asdict(architecture)).to(device)
+    optimizer = torch.optim.Adam(_param_groups(model, schedule.prior_lr), lr=schedule.lr)
     order_gen = torch.Generator().manual_seed(seed)
     gallery_feats = gallery_feats.to(device)
     query_feats = query_feats.float()
-    eval_bs = 4 * warmup_cfg["batch_size"]
-    drop_rate = warmup_cfg["pool_dropout"]
+    eval_bs = 4 * schedule.batch_size
+    drop_rate = schedule.pool_dropout
 
     held = agreement_with_topk(model, query_feats, pool_rows, rounds, valid, gallery_feats,
                                test_rows, n_targets, eval_bs, device)
     history = [{"epoch": 0, "loss": None, "heldout_agreement": held["agreement"],
                 "heldout_mean_overlap": held["mean_overlap"], "seconds": 0.0}]
-    for epoch in range(1, warmup_cfg["epochs"] + 1):
+    for epoch in range(1, schedule.epochs + 1):
         start, total, count = time.perf_counter(), 0.0, 0
         model.train()
-        for idx in round_batches(rounds, train_rows, warmup_cfg["batch_size"], order_gen):
+        for idx in round_batches(rounds, train_rows, schedule.batch_size, order_gen):
             query, pool, keep = _batch(query_feats, pool_rows, valid, gallery_feats, idx, device)
             keep, targets = drop_positions(keep, n_targets, drop_rate, order_gen)
             loss = warmup_loss(loss_kind, model(query, pool, keep), targets)
@@ -288,7 +332,7 @@ def train_warmup(
             "seconds": round(time.perf_counter() - start, 2),
         })
         log.info("selector warm-up epoch %d/%d: loss %.4f, held-out agreement %s, overlap %s "
-                 "(%.1fs)", epoch, warmup_cfg["epochs"], history[-1]["loss"], held["agreement"],
+                 "(%.1fs)", epoch, schedule.epochs, history[-1]["loss"], held["agreement"],
                  held["mean_overlap"], history[-1]["seconds"])
 
     model.eval()
@@ -358,33 +402,33 @@ def pool_order_consistency(query_feats: torch.Tensor, pool_rows: torch.Tensor,
 
 def run(cfg: dict[str, Any], conversations: str, gallery: str, retriever: str, out: str,
         metrics: str) -> None:
-    selector_cfg, dcfg, seed = cfg["selector"], cfg["dialogue"], cfg["seed"]
-    wcfg = selector_cfg["warmup"]
-    device = resolve_device(cfg["device"])
+    settings = typed_view(WarmupConfig, cfg)
+    schedule, seed = settings.schedule, settings.seed
+    device = resolve_device(settings.device)
     train_gallery = Gallery.from_parquet(gallery, "cpu")
     texts, pool_rows, rounds, pids = load_pools(conversations, train_gallery.position_of())
 
     # Query features are fixed: encode each distinct description once, then free the encoder.
-    encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
-    query_feats, distinct = encoder.encode_texts_once(texts, wcfg["text_batch_size"])  # [R, D]
+    encoder = RetrieverEncoder.from_pretrained(retriever, settings.device)
+    query_feats, distinct = encoder.encode_texts_once(texts, schedule.text_batch_size)  # [R, D]
     del encoder
     if query_feats.shape[1] != train_gallery.feats.shape[1]:
         raise ValueError(f"retriever text dim {query_feats.shape[1]} != gallery dim "
                          f"{train_gallery.feats.shape[1]}")
 
     consistency = pool_order_consistency(query_feats, pool_rows, train_gallery.feats,
-                                         dcfg["num_candidates"])
+                                         settings.num_candidates)
     if consistency < 0.99:
         log.warning("the retriever's features reproduce the stored top-%d of only %.1f%% of the "
-                    "pools: is %s the retriever that built %s?", dcfg["num_candidates"],
+                    "pools: is %s the retriever that built %s?", settings.num_candidates,
                     100 * consistency, retriever, conversations)
-    heldout = torch.from_numpy(holdout_mask(pids, wcfg["holdout"], seed))
+    heldout = torch.from_numpy(holdout_mask(pids, schedule.holdout, seed))
     model, result = train_warmup(
         query_feats, pool_rows, rounds, train_gallery.feats, heldout,
-        pool_size=dcfg["pool_size"], num_candidates=dcfg["num_candidates"],
-        model_cfg=selector_cfg, warmup_cfg=wcfg, seed=seed, device=device,
+        pool_size=settings.pool_size, num_candidates=settings.num_candidates,
+        architecture=settings.architecture, schedule=schedule, seed=seed, device=device,
     )
-    tag = config_hash({"selector": selector_cfg, "dialogue": dcfg, "seed": seed})
+    tag = config_hash(settings.tag())
     model.save(out, extra={"stage": "warmup-selector", "config_hash": tag,
                            "retriever": str(retriever), "conversations": str(conversations)})
     result.update({"config_hash": tag, "device": str(device), "distinct_descriptions": distinct,
