@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from llava_reid.interact.prepare_data import (
+    PrepareSettings,
     build_conversations,
     oracle_recall_per_round,
     plan_dialogues,
 )
 from llava_reid.retriever.gallery import Gallery
+from tests.conftest import base_config
 
 WORDS = ["red", "blue", "shoes", "bag", "hat", "glasses", "jeans", "skirt"]
 
@@ -76,8 +78,9 @@ def test_random_histories_keep_lookahead_targets_and_never_reuse_answers():
     assert oracle_recall_per_round(plan, 0, 3) == []  # no look-ahead dialogue to report
 
     rows = _rows()
-    convs = build_conversations(rows, plan, {"idk_duplicate_prob": 0.0, "idk_answer_prob": 0.0},
-                                seed=5)
+    settings = PrepareSettings(**{**base_config()["prepare"], "idk_duplicate_prob": 0.0,
+                                  "idk_answer_prob": 0.0})
+    convs = build_conversations(rows, plan, settings, seed=5)
     answers, questions = rows.answers[0], rows.questions[0]
     for conv in convs.itertuples():
         steps = plan[plan.image_idx == conv.image_idx].reset_index(drop=True)

@@ -16,14 +16,21 @@ import typing
 
 import pytest
 
+from llava_reid.interact.evaluate import EvaluateConfig, QuestionerEvaluation, results_settings
+from llava_reid.interact.merge import MergeConfig
+from llava_reid.interact.prepare_data import PrepareConfig
 from llava_reid.questioner.train import SFTConfig
+from llava_reid.questioner.visual_cache import VisualCacheConfig
+from llava_reid.retriever.features import FeaturesConfig
 from llava_reid.retriever.train import RetrieverTrainingConfig
 from llava_reid.runtime import config_hash
 from llava_reid.selector.joint import JointConfig
+from llava_reid.selector.warmup import WarmupConfig
 from llava_reid.stage_views import (
     STAGE_KEYS,
     ConfigKeyNotPassed,
     StageConfig,
+    _optional,
     cut_view,
     stage_keys,
     typed_view,
@@ -168,29 +175,83 @@ def test_a_stage_reading_a_key_it_was_not_passed_fails_loudly():
     assert json.loads(json.dumps(view)) == cut_view(cfg, stage_keys("prepare-data"))
 
 
-TYPED_VIEWS = {"train-joint": JointConfig, "train-questioner": SFTConfig,
-               "train-retriever": RetrieverTrainingConfig}
+# stage -> its typed view, and the sections of its view that its artifacts' tag hashed whole
+# before typed views existed (None: no tag).
+TYPED_VIEWS = {
+    "train-joint": (JointConfig, ("questioner", "joint", "dialogue", "seed")),
+    "train-questioner": (SFTConfig, ("questioner", "dialogue", "seed")),
+    "train-retriever": (RetrieverTrainingConfig, None),
+    "warmup-selector": (WarmupConfig, ("selector", "dialogue", "seed")),
+    "prepare-data": (PrepareConfig, ("prepare", "dialogue", "seed")),
+    "cache-features": (FeaturesConfig, ("features",)),
+    "cache-visual-tokens": (VisualCacheConfig, None),
+    "evaluate": (EvaluateConfig, None),  # its tag: test_evaluate_tags_are_unchanged
+    "merge-eval": (MergeConfig, None),
+}
+
+
+def _no_defaults(cls) -> None:
+    """The schema is the one source of defaults: no field of a view declares one."""
+    views = [cls]
+    while views:
+        cls = views.pop()
+        for field in dataclasses.fields(cls):
+            assert field.default is dataclasses.MISSING, (cls.__name__, field.name)
+            assert field.default_factory is dataclasses.MISSING, (cls.__name__, field.name)
+            kind, _ = _optional(typing.get_type_hints(cls)[field.name])
+            views += [kind] if dataclasses.is_dataclass(kind) else []
 
 
 @pytest.mark.parametrize("stage", sorted(TYPED_VIEWS))
 def test_a_typed_view_is_built_from_the_stage_view_alone(stage):
     cfg = base_config()
     view = StageConfig.wrap(cut_view(cfg, stage_keys(stage)), stage)
-    settings = typed_view(TYPED_VIEWS[stage], view)
-    assert (settings.seed, settings.device) == (cfg["seed"], cfg["device"])
-    # The schema is the one source of defaults: no field of a view declares one.
-    views = [TYPED_VIEWS[stage]]
-    while views:
-        cls = views.pop()
-        for field in dataclasses.fields(cls):
-            assert field.default is dataclasses.MISSING, (cls.__name__, field.name)
-            assert field.default_factory is dataclasses.MISSING, (cls.__name__, field.name)
-            views += [t for t in [typing.get_type_hints(cls)[field.name]]
-                      if dataclasses.is_dataclass(t)]
-    # The checkpoint tag is the hash of the sections the stage was passed, as before views.
-    if hasattr(settings, "tag"):
-        sections = {k: view[k] for k in ("questioner", "joint", "dialogue", "seed") if k in view}
+    cls, tagged = TYPED_VIEWS[stage]
+    settings = typed_view(cls, view)
+    if hasattr(settings, "seed"):
+        assert (settings.seed, settings.device) == (cfg["seed"], cfg["device"])
+    _no_defaults(cls)
+    # The artifacts' tag is the hash of the sections the stage was passed, as before views.
+    if tagged is not None:
+        sections = {k: view[k] for k in tagged if k in view}
         assert config_hash(settings.tag()) == config_hash(sections)
+
+
+def _tag_before_views(view: dict, method: str) -> dict:
+    """evaluate's tag as computed from the raw view before typed views (the reference)."""
+    tag = {k: view[k] for k in ("seed", "dialogue", "questioner", "answerer", "evaluate")
+           if k in view}
+    answerer = dict(tag["answerer"])
+    for section, keys in {"openai": ("base_url", "api_key_env", "max_concurrency", "timeout_s",
+                                     "max_retries"),
+                          "sglang": ("port", "gpu", "mem_fraction_static",
+                                     "startup_timeout_s")}.items():
+        answerer[section] = {k: v for k, v in answerer[section].items() if k not in keys}
+    tag["answerer"] = answerer
+    return tag | {"method": method}
+
+
+@pytest.mark.parametrize("method", ["initial", "oracle", "questioner", "selector"])
+@pytest.mark.parametrize("auxiliary", [None, {"path": None, "weight": 0.5},
+                                       {"path": "irra.parquet", "weight": 0.3}])
+def test_evaluate_tags_are_unchanged(method, auxiliary):
+    """A chunk's tag decides whether an interrupted chunk resumes: typed views keep it."""
+    cfg = base_config()
+    cfg["answerer"]["openai"]["base_url"] = "http://localhost:1"
+    if auxiliary is None:
+        del cfg["evaluate"]["auxiliary_similarity"]
+    else:
+        cfg["evaluate"]["auxiliary_similarity"] = auxiliary
+    view = StageConfig.wrap(cut_view(cfg, stage_keys("evaluate", method)), "evaluate", method)
+    settings = typed_view(EvaluateConfig, view)
+    asking = (typed_view(QuestionerEvaluation, view) if method in ("questioner", "selector")
+              else None)
+    _no_defaults(QuestionerEvaluation)
+    assert config_hash(results_settings(settings, asking, method)) == config_hash(
+        _tag_before_views(view, method))
+    if asking is None:  # the baselines are not passed the questioner's keys
+        with pytest.raises(ConfigKeyNotPassed):
+            typed_view(QuestionerEvaluation, view)
 
 
 def test_a_typed_view_of_a_key_the_rule_does_not_pass_fails_loudly():

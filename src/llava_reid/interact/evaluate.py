@@ -14,8 +14,11 @@ in Parquet (keyed by target and question), so a rerun does not ask the answerer 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,12 @@ from llava_reid.interact.askers import (
     RandomAnnotated,
 )
 from llava_reid.interact.engine import DialogueEngine, advance
-from llava_reid.interact.fusion import from_config as auxiliary_similarity
+from llava_reid.interact.fusion import AuxiliarySimilaritySettings
+from llava_reid.interact.fusion import from_settings as auxiliary_similarity
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash, seed_everything
-from llava_reid.stage_views import METHODS
+from llava_reid.stage_views import METHODS, QUESTIONER_METHODS, config_key, typed_view
 from llava_reid.training import inputs_fingerprint
 
 log = logging.getLogger(__name__)
@@ -51,18 +55,63 @@ TRANSPORT_ONLY = {
 }
 
 
-def results_settings(cfg: dict[str, Any], method: str) -> dict[str, Any]:
-    """What a chunk's rounds depend on in the config (the partial file's and output's tag)."""
-    view = {k: cfg[k] for k in ("seed", "dialogue", "questioner", "answerer", "evaluate")
-            if k in cfg}
-    if "answerer" in view:
-        answerer = dict(view["answerer"])
-        for section, keys in TRANSPORT_ONLY.items():
-            if isinstance(answerer.get(section), dict):
-                answerer[section] = {k: v for k, v in answerer[section].items()
-                                     if k not in keys}
-        view["answerer"] = answerer
-    return view | {"method": method}
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Every setting evaluate reads for any method, built once from its validated view."""
+
+    seed: int
+    device: str
+    rounds: int = config_key("dialogue.rounds")
+    pool_size: int = config_key("dialogue.pool_size")
+    text_batch_size: int = config_key("features.batch_size")
+    auxiliary_similarity: AuxiliarySimilaritySettings | None = config_key(
+        "evaluate.auxiliary_similarity")
+    # The answerer section as passed: what build_answerer reads.
+    answerer: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The ``evaluate.generation`` section: how the questioner samples its questions."""
+
+    max_new_tokens: int
+    do_sample: bool
+    top_p: float
+    temperature: float
+    batch_size: int  # dialogues generated together
+
+
+@dataclass(frozen=True)
+class QuestionerEvaluation:
+    """What the questioner's methods (questioner, selector) read on top of EvaluateConfig."""
+
+    num_candidates: int = config_key("dialogue.num_candidates")
+    generation: GenerationSettings = config_key("evaluate.generation")
+    # The questioner section as passed: what loading the questioner reads.
+    questioner: Mapping[str, Any]
+
+
+def results_settings(settings: EvaluateConfig, asking: QuestionerEvaluation | None,
+                     method: str) -> dict[str, Any]:
+    """What a chunk's rounds depend on in the config (the partial file's and output's tag):
+    the sections the stage was passed, less ``device``, ``features`` and the answerer's
+    transport-only settings."""
+    answerer = dict(settings.answerer)
+    for section, keys in TRANSPORT_ONLY.items():
+        if isinstance(answerer.get(section), dict):
+            answerer[section] = {k: v for k, v in answerer[section].items() if k not in keys}
+    dialogue: dict[str, Any] = {"rounds": settings.rounds, "pool_size": settings.pool_size}
+    tag = {"seed": settings.seed, "dialogue": dialogue, "answerer": answerer}
+    evaluate = {}
+    if settings.auxiliary_similarity is not None:
+        evaluate["auxiliary_similarity"] = dataclasses.asdict(settings.auxiliary_similarity)
+    if asking is not None:
+        dialogue["num_candidates"] = asking.num_candidates
+        tag["questioner"] = asking.questioner
+        evaluate["generation"] = dataclasses.asdict(asking.generation)
+    if evaluate:
+        tag["evaluate"] = evaluate
+    return tag | {"method": method}
 
 
 def chunk_ids(query_ids: list[int], index: int, count: int) -> list[int]:
@@ -113,23 +162,23 @@ def restore(dialogues: list[Dialogue], rows: pd.DataFrame) -> int:
     return int(rows["round"].max()) + 1
 
 
-def build_asker(method: str, cfg: dict[str, Any], encoder, gallery: Gallery,
-                models: dict[str, str | None]):
-    seed, dcfg = cfg["seed"], cfg["dialogue"]
+def build_asker(method: str, settings: EvaluateConfig, asking: QuestionerEvaluation | None,
+                encoder, gallery: Gallery, models: dict[str, str | None]):
+    seed = settings.seed
     if method == "initial":
         return InitialOnly()
     if method == "random":
         return RandomAnnotated(seed)
     if method == "oracle":
-        return LookAheadOracle(encoder, gallery, cfg["features"]["batch_size"])
-    if method not in ("questioner", "selector"):
+        return LookAheadOracle(encoder, gallery, settings.text_batch_size)
+    if method not in QUESTIONER_METHODS or asking is None:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     from llava_reid.questioner.generate import GenerationConfig
     from llava_reid.questioner.model import Questioner
     from llava_reid.questioner.visual_cache import VisualTokenCache
 
-    qcfg = cfg["questioner"]
-    questioner = Questioner.from_pretrained(models["questioner"], qcfg, cfg["device"])
+    questioner = Questioner.from_pretrained(models["questioner"], asking.questioner,
+                                            settings.device)
     questioner.load_adapter(models["adapter"], merge=True)
     questioner.net.eval()
     questioner.fuse_language_model()
@@ -141,12 +190,12 @@ def build_asker(method: str, cfg: dict[str, Any], encoder, gallery: Gallery,
         from llava_reid.selector import Selector
 
         selector = Selector.load(models["selector"], encoder.device)
-    generation_cfg = cfg["evaluate"]["generation"]
+    sampling = asking.generation
     generation = GenerationConfig(
-        max_new_tokens=generation_cfg["max_new_tokens"], do_sample=generation_cfg["do_sample"],
-        top_p=generation_cfg["top_p"], temperature=generation_cfg["temperature"])
-    return QuestionerAsker(questioner, cache, gallery, generation, seed, dcfg["pool_size"],
-                           dcfg["num_candidates"], generation_cfg["batch_size"], selector=selector)
+        max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
+        top_p=sampling.top_p, temperature=sampling.temperature)
+    return QuestionerAsker(questioner, cache, gallery, generation, seed, settings.pool_size,
+                           asking.num_candidates, sampling.batch_size, selector=selector)
 
 
 def rows_table(rows: list[dict[str, Any]], dim: int) -> pa.Table:
@@ -195,18 +244,19 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
         visual_tokens: str | None = None, selector: str | None = None,
         image_root: str | None = None) -> None:
     started = time.time()
-    seed_everything(cfg["seed"])
-    dcfg = cfg["dialogue"]
-    tag = config_hash(results_settings(cfg, method))
+    settings = typed_view(EvaluateConfig, cfg)
+    asking = typed_view(QuestionerEvaluation, cfg) if method in QUESTIONER_METHODS else None
+    seed_everything(settings.seed)
+    tag = config_hash(results_settings(settings, asking, method))
     inputs = inputs_fingerprint(annotations, gallery, queries, retriever, questioner, adapter,
                                 visual_tokens, selector)
-    encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
+    encoder = RetrieverEncoder.from_pretrained(retriever, settings.device)
     test_gallery = Gallery.from_parquet(gallery, encoder.device)
     all_ids = read_table(queries, "query_features", columns=["query_id"]).column(
         "query_id").to_pylist()
     ids = chunk_ids(all_ids, chunk, chunks)
     # Checked before any server starts.
-    auxiliary = auxiliary_similarity(cfg, all_ids, test_gallery)
+    auxiliary = auxiliary_similarity(settings.auxiliary_similarity, all_ids, test_gallery)
     dialogues = load_dialogues(annotations, queries, ids)
     meta = {"method": method, "chunk": f"{chunk}-of-{chunks}", "queries": len(ids)}
 
@@ -226,7 +276,7 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
     from llava_reid.answerer import build_answerer
     from llava_reid.answerer.visual import TargetImages
 
-    asker = build_asker(method, cfg, encoder, test_gallery, {
+    asker = build_asker(method, settings, asking, encoder, test_gallery, {
         "questioner": questioner, "adapter": adapter, "visual_tokens": visual_tokens,
         "selector": selector})
     # Askers that answer from the annotations themselves (initial, oracle) never build the
@@ -235,18 +285,18 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
     if asker.asks_witness:
         # A witness that looks at the target image (transfer) gets the image files.
         images = TargetImages(annotations, image_root) if image_root else None
-        answerer = build_answerer(cfg["answerer"], answers_cache, seed=cfg["seed"],
+        answerer = build_answerer(settings.answerer, answers_cache, seed=settings.seed,
                                   images=images, question_bank=question_bank(
                                       annotations, test_gallery.image_idx))
-    engine = DialogueEngine(encoder, test_gallery, asker, answerer, dcfg["rounds"],
-                            dcfg["pool_size"], cfg["features"]["batch_size"], auxiliary=auxiliary)
+    engine = DialogueEngine(encoder, test_gallery, asker, answerer, settings.rounds,
+                            settings.pool_size, settings.text_batch_size, auxiliary=auxiliary)
     rows = done.to_dict("records")
 
     def checkpoint(round_: int, new_rows: list[dict[str, Any]]) -> None:
         rows.extend(new_rows)
         if hasattr(answerer, "flush"):
             answerer.flush()
-        if round_ < dcfg["rounds"]:
+        if round_ < settings.rounds:
             write_table(rows_table(rows, encoder.dim), partial, "dialogues", config_hash=tag,
                         producer="evaluate",
                         extra_metadata={**meta, "inputs_fingerprint": inputs})

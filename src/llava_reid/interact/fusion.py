@@ -22,6 +22,7 @@ scores in the Parquet shape.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,13 +160,20 @@ class AuxiliarySimilarity:
         return ranks.tolist(), pools
 
 
-def from_config(cfg: dict[str, Any], query_ids: list[int], gallery: Gallery
-                ) -> AuxiliarySimilarity | None:
-    """The configured auxiliary similarity (``evaluate.auxiliary_similarity``), or None."""
-    aux = ((cfg.get("evaluate") or {}).get("auxiliary_similarity") or {})
-    if not aux.get("path"):
+@dataclass(frozen=True)
+class AuxiliarySimilaritySettings:
+    """The ``evaluate.auxiliary_similarity`` section (optional: absent = no fusion)."""
+
+    path: str | None  # the scores file; None = no fusion
+    weight: float
+
+
+def from_settings(settings: AuxiliarySimilaritySettings | None, query_ids: list[int],
+                  gallery: Gallery) -> AuxiliarySimilarity | None:
+    """The configured auxiliary similarity, or None."""
+    if settings is None or not settings.path:
         return None
-    return AuxiliarySimilarity(aux["path"], aux.get("weight", 0.5), query_ids, gallery)
+    return AuxiliarySimilarity(settings.path, settings.weight, query_ids, gallery)
 
 
 def export(cfg: dict[str, Any], gallery: str, queries: str, out: str) -> None:

@@ -9,6 +9,7 @@ answers (recomputed from the stored query features against the gallery features)
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from llava_reid.interact import fusion
 from llava_reid.metrics import bri, rank_metrics
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash
+from llava_reid.stage_views import config_key, typed_view
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,17 @@ def round_metrics(table: pa.Table, gallery: Gallery) -> tuple[list[dict[str, flo
     return per_round, score
 
 
+@dataclass(frozen=True)
+class MergeConfig:
+    """What merge-eval reads of its validated config view."""
+
+    auxiliary_similarity: fusion.AuxiliarySimilaritySettings | None = config_key(
+        "evaluate.auxiliary_similarity")
+
+
 def run(cfg: dict[str, Any], method: str, chunks: list[str], gallery: str, queries: str,
         out: str, metrics: str) -> None:
+    settings = typed_view(MergeConfig, cfg)
     expected = read_table(queries, "query_features", columns=["query_id"]).column(
         "query_id").to_pylist()
     table = merge_chunks(chunks, expected)
@@ -87,7 +98,7 @@ def run(cfg: dict[str, Any], method: str, chunks: list[str], gallery: str, queri
             f"{gallery}: gallery embeddings have size {test_gallery.feats.shape[1]} but the "
             f"chunks' query embeddings {dim} ({chunks[0]}, ...): they come from different "
             "retrievers")
-    auxiliary = fusion.from_config(cfg, expected, test_gallery)
+    auxiliary = fusion.from_settings(settings.auxiliary_similarity, expected, test_gallery)
     if auxiliary is None:
         per_round, score = round_metrics(table, test_gallery)
     else:  # the same dialogues ranked without and with the external scores, side by side

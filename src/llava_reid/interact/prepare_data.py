@@ -21,9 +21,11 @@ gathered on rank 0, which writes). The oracle's R@1 per round is logged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,37 @@ from llava_reid.questioner.prompts import NUM_TEMPLATES
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash
+from llava_reid.stage_views import config_key, typed_view
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """The ``prepare`` section."""
+
+    min_remaining: int  # stop a dialogue once fewer usable answers are left
+    batch_size: int  # look-ahead queries (and pool descriptions) encoded at once
+    idk_duplicate_prob: float
+    idk_answer_prob: float
+    random_history: float
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Every setting prepare-data reads, built once from its validated config view."""
+
+    seed: int
+    device: str
+    prepare: PrepareSettings
+    rounds: int = config_key("dialogue.rounds")
+    pool_size: int = config_key("dialogue.pool_size")
+
+    def tag(self) -> dict[str, Any]:
+        """What the plan's and the conversations' ``config_hash`` is computed from."""
+        return {"prepare": dataclasses.asdict(self.prepare),
+                "dialogue": {"rounds": self.rounds, "pool_size": self.pool_size},
+                "seed": self.seed}
 
 
 def follows_random(seed: int, image_idx: int, fraction: float) -> bool:
@@ -125,7 +156,7 @@ def oracle_recall_per_round(plan: pd.DataFrame, n_images: int, rounds: int) -> l
     return out
 
 
-def build_conversations(rows: pd.DataFrame, plan: pd.DataFrame, pcfg: dict[str, Any],
+def build_conversations(rows: pd.DataFrame, plan: pd.DataFrame, pcfg: PrepareSettings,
                         seed: int) -> pd.DataFrame:
     """SFT examples (without pools) from the plan; seeded templates and IDK duplicates."""
     rng = np.random.default_rng([seed, 17])
@@ -140,8 +171,8 @@ def build_conversations(rows: pd.DataFrame, plan: pd.DataFrame, pcfg: dict[str, 
         questions = [row.questions[j] for j in followed]
         answers = [row.answers[j] for j in followed]
         variants = [(answers, False)]
-        if rng.random() < pcfg["idk_duplicate_prob"]:
-            flipped = [IDK if rng.random() < pcfg["idk_answer_prob"] else a for a in answers]
+        if rng.random() < pcfg.idk_duplicate_prob:
+            flipped = [IDK if rng.random() < pcfg.idk_answer_prob else a for a in answers]
             variants.append((flipped, True))
         for history_answers, augmented in variants:
             description = row.initial_description
@@ -173,16 +204,17 @@ def _distributed() -> tuple[int, int]:
 
 def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
         oracle_plan: str, conversations: str) -> None:
-    pcfg, dcfg, seed = cfg["prepare"], cfg["dialogue"], cfg["seed"]
+    settings = typed_view(PrepareConfig, cfg)
+    pcfg, seed = settings.prepare, settings.seed
     rank, world = _distributed()
     rows = read_annotations(annotations, split="train").reset_index(drop=True)
-    encoder = RetrieverEncoder.from_pretrained(retriever, cfg["device"])
+    encoder = RetrieverEncoder.from_pretrained(retriever, settings.device)
     train_gallery = Gallery.from_parquet(gallery, encoder.device)
     shard = rows.iloc[rank::world]
     log.info("look-ahead over %d training images (%d on this process), up to %d rounds",
-             len(rows), len(shard), dcfg["rounds"])
-    plan = plan_dialogues(encoder, train_gallery, shard, dcfg["rounds"], pcfg["min_remaining"],
-                          pcfg["batch_size"], pcfg["random_history"], seed)
+             len(rows), len(shard), settings.rounds)
+    plan = plan_dialogues(encoder, train_gallery, shard, settings.rounds, pcfg.min_remaining,
+                          pcfg.batch_size, pcfg.random_history, seed)
     if world > 1:
         parts: list[Any] = [None] * world
         torch.distributed.all_gather_object(parts, plan)
@@ -190,20 +222,20 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     if rank != 0:
         return
     plan_df = pd.DataFrame(plan).sort_values(["image_idx", "round"]).reset_index(drop=True)
-    lookahead = sum(not follows_random(seed, int(i), pcfg["random_history"])
+    lookahead = sum(not follows_random(seed, int(i), pcfg.random_history)
                     for i in rows.image_idx)
-    recall = oracle_recall_per_round(plan_df, lookahead, dcfg["rounds"])
+    recall = oracle_recall_per_round(plan_df, lookahead, settings.rounds)
     log.info("oracle R@1 per round (initial, after each answer): %s",
              ", ".join(f"{v:.1f}" for v in recall))
 
     convs = build_conversations(rows, plan_df, pcfg, seed)
     log.info("retrieval pools of %d conversations", len(convs))
-    feats = encoder.encode_texts(list(convs.description), pcfg["batch_size"])
-    top = train_gallery.top_k(feats, dcfg["pool_size"])
+    feats = encoder.encode_texts(list(convs.description), pcfg.batch_size)
+    top = train_gallery.top_k(feats, settings.pool_size)
     pools = train_gallery.image_idx[top].cpu().numpy()
     convs["pool"] = [p.astype(np.int32) for p in pools]
 
-    tag = config_hash({"prepare": pcfg, "dialogue": dcfg, "seed": seed})
+    tag = config_hash(settings.tag())
     meta = {"retriever": str(retriever), "oracle_r1_per_round": [round(v, 2) for v in recall]}
     write_table(plan_df, oracle_plan, "oracle_plan", config_hash=tag, producer="prepare-data",
                 extra_metadata=meta)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 
 from llava_reid.artifacts import ArtifactError, atomic_path
 from llava_reid.data.annotations import read_annotations
+from llava_reid.stage_views import config_key, typed_view
 
 log = logging.getLogger(__name__)
 
@@ -155,21 +157,32 @@ class VisualTokenCache:
         return out
 
 
+@dataclass(frozen=True)
+class VisualCacheConfig:
+    """Every setting cache-visual-tokens reads, built once from its validated config view."""
+
+    seed: int
+    device: str
+    batch_size: int = config_key("questioner.cache_batch_size")  # images encoded at once
+    # The questioner section as passed: what loading the questioner reads.
+    questioner: Mapping[str, Any]
+
+
 def run(cfg: dict[str, Any], annotations: str, image_root: str, model: str, split: str,
         out: str, adapter: str | None = None) -> None:
     from llava_reid.questioner.model import Questioner
 
-    qcfg = cfg["questioner"]
+    settings = typed_view(VisualCacheConfig, cfg)
     rows = read_annotations(annotations, split=split)
     if rows.empty:
         raise ArtifactError(f"{annotations}: split {split!r} has no images")
-    questioner = Questioner.from_pretrained(model, qcfg, cfg["device"])
+    questioner = Questioner.from_pretrained(model, settings.questioner, settings.device)
     if adapter:
         questioner.load_adapter(adapter, merge=True)
     questioner.compile_vision_tower()
     root = Path(image_root)
     build_cache(questioner, [root / p for p in rows.file_path], rows.image_idx.tolist(), out,
-                qcfg["cache_batch_size"], source=f"{model} {split}")
+                settings.batch_size, source=f"{model} {split}")
     first = VisualTokenCache(out)
     log.info("%s: %d images, %.1f visual tokens per image, dim %d -> %s", split, len(first),
              float(first.offsets[-1]) / len(first), first.dim, out)

@@ -10,6 +10,7 @@ Downstream stages rank against these features and never re-encode gallery images
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,22 @@ from llava_reid.data.annotations import read_annotations
 from llava_reid.data.queries import query_source, split_queries
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.runtime import config_hash
+from llava_reid.stage_views import config_key, typed_view
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Every setting cache-features reads, built once from its validated config view."""
+
+    seed: int
+    device: str
+    batch_size: int = config_key("features.batch_size")  # images or texts encoded at once
+
+    def tag(self) -> dict[str, Any]:
+        """The config part of the feature tables' ``config_hash`` (the model path is added)."""
+        return {"features": {"batch_size": self.batch_size}}
 
 
 def embedding_column(feats: np.ndarray) -> pa.FixedSizeListArray:
@@ -42,15 +57,16 @@ def run(
     rows = read_annotations(annotations, split=split)
     if rows.empty:
         raise ArtifactError(f"{annotations}: split {split!r} has no images")
-    encoder = RetrieverEncoder.from_pretrained(model, cfg["device"])
-    bs = cfg["features"]["batch_size"]
+    settings = typed_view(FeaturesConfig, cfg)
+    encoder = RetrieverEncoder.from_pretrained(model, settings.device)
+    bs = settings.batch_size
     root = Path(image_root)
     gallery = encoder.encode_images([root / p for p in rows.file_path], bs).cpu().numpy()
     queries = split_queries(rows, query_source(annotations))
     initial = encoder.encode_texts(list(queries.initial_description), bs).cpu().numpy()
     fine = encoder.encode_texts(list(queries.fine_grained_description), bs).cpu().numpy()
 
-    tag = config_hash({"features": cfg["features"], "model": str(model)})
+    tag = config_hash({**settings.tag(), "model": str(model)})
     meta = {"model": str(model), "split": split, "embed_dim": int(gallery.shape[1])}
     write_table(
         pa.table({
