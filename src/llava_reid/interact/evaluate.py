@@ -91,6 +91,13 @@ class QuestionerEvaluation:
     questioner: Mapping[str, Any]
 
 
+def read_settings(cfg: dict[str, Any], method: str
+                  ) -> tuple[EvaluateConfig, QuestionerEvaluation | None]:
+    """The typed views ``method`` reads (the questioner's part only for its methods)."""
+    asking = typed_view(QuestionerEvaluation, cfg) if method in QUESTIONER_METHODS else None
+    return typed_view(EvaluateConfig, cfg), asking
+
+
 def results_settings(settings: EvaluateConfig, asking: QuestionerEvaluation | None,
                      method: str) -> dict[str, Any]:
     """What a chunk's rounds depend on in the config (the partial file's and output's tag):
@@ -244,8 +251,7 @@ def run(cfg: dict[str, Any], method: str, chunk: int, chunks: int, annotations: 
         visual_tokens: str | None = None, selector: str | None = None,
         image_root: str | None = None) -> None:
     started = time.time()
-    settings = typed_view(EvaluateConfig, cfg)
-    asking = typed_view(QuestionerEvaluation, cfg) if method in QUESTIONER_METHODS else None
+    settings, asking = read_settings(cfg, method)
     seed_everything(settings.seed)
     tag = config_hash(results_settings(settings, asking, method))
     inputs = inputs_fingerprint(annotations, gallery, queries, retriever, questioner, adapter,

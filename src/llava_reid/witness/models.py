@@ -18,7 +18,7 @@ import pandas as pd
 from llava_reid.artifacts import ArtifactError, read_table
 from llava_reid.interact.askers import Dialogue
 from llava_reid.interact.engine import DialogueEngine
-from llava_reid.interact.evaluate import build_asker, load_dialogues
+from llava_reid.interact.evaluate import build_asker, load_dialogues, read_settings
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import seed_everything
@@ -42,11 +42,11 @@ class WitnessModels:
         seed_everything(cfg["seed"])
         encoder = RetrieverEncoder.from_pretrained(str(files.retriever), cfg["device"])
         gallery = Gallery.from_parquet(str(files.gallery), encoder.device)
-        asker = build_asker(files.method, cfg, encoder, gallery, files.models())
-        dcfg = cfg["dialogue"]
-        engine = DialogueEngine(encoder, gallery, asker, answerer=None, rounds=dcfg["rounds"],
-                                pool_size=dcfg["pool_size"],
-                                text_batch_size=cfg["features"]["batch_size"])
+        settings, asking = read_settings(cfg, files.method)
+        asker = build_asker(files.method, settings, asking, encoder, gallery, files.models())
+        engine = DialogueEngine(encoder, gallery, asker, answerer=None, rounds=settings.rounds,
+                                pool_size=settings.pool_size,
+                                text_batch_size=settings.text_batch_size)
         queries = read_table(str(files.queries), "query_features",
                              columns=["query_id", "pid", "initial_description"]).to_pandas()
         simulated = None
