@@ -24,9 +24,9 @@ import pytest
 import yaml
 
 from llava_reid.artifacts import read_metadata, read_table
-from llava_reid.interact.askers import Dialogue, RoundContext
-from llava_reid.interact.engine import advance
-from llava_reid.interact.merge import round_metrics
+from llava_reid.dialogue.askers import Dialogue, RoundContext
+from llava_reid.dialogue.engine import advance
+from llava_reid.dialogue.merge import round_metrics
 from llava_reid.retriever.gallery import Gallery
 from tests.conftest import (
     REPO,

@@ -10,18 +10,18 @@ import pytest
 
 from llava_reid.artifacts import ArtifactError, write_table
 from llava_reid.cli import _relaunch_distributed
-from llava_reid.interact.askers import (
+from llava_reid.dialogue.askers import (
     Dialogue,
     QuestionerAsker,
     RandomAnnotated,
     RoundContext,
     template_for,
 )
-from llava_reid.interact.engine import advance
-from llava_reid.interact.evaluate import chunk_ids, restore, rows_table
-from llava_reid.interact.merge import merge_chunks
-from llava_reid.interact.query import append_answer, clean_answer
-from llava_reid.interact.repeats import content_words, is_repeat, overlap
+from llava_reid.dialogue.engine import advance
+from llava_reid.dialogue.evaluate import chunk_ids, restore, rows_table
+from llava_reid.dialogue.merge import merge_chunks
+from llava_reid.dialogue.query import append_answer, clean_answer
+from llava_reid.dialogue.repeats import content_words, is_repeat, overlap
 from llava_reid.questioner.generate import GenerationConfig, GenerationResult
 
 
@@ -178,7 +178,7 @@ def test_question_bank_holds_every_gallery_images_pairs(monkeypatch):
     import pandas as pd
     import torch
 
-    from llava_reid.interact import evaluate
+    from llava_reid.dialogue import evaluate
 
     table = pd.DataFrame({"image_idx": [3, 5, 9], "questions": [["q3a", "q3b"], ["q5"], ["q9"]],
                           "answers": [["a3a", "a3b"], ["a5"], ["a9"]]})

@@ -37,7 +37,7 @@ from llava_reid.artifacts import (
     write_table,
 )
 from llava_reid.config import ConfigError, check_workflow_config, load_config
-from llava_reid.interact.merge import merge_chunks
+from llava_reid.dialogue.merge import merge_chunks
 from llava_reid.metrics import rank_metrics, target_ranks
 from llava_reid.retriever.model import load_clip
 from llava_reid.selector.model import Selector

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from llava_reid.interact.prepare_data import (
+from llava_reid.dialogue.prepare_data import (
     PrepareSettings,
     build_conversations,
     oracle_recall_per_round,
@@ -94,7 +94,7 @@ def test_lookahead_breaks_rank_ties_by_the_target_margin():
     """Both answers keep the target first; the one that separates it more wins, not the
     first annotated one (ties by annotation order made one question the label of most late
     rounds)."""
-    from llava_reid.interact.oracle import best_next_answers
+    from llava_reid.dialogue.oracle import best_next_answers
 
     people = [["red", "shoes"], ["blue", "hat"]]
     feats = torch.tensor([[float(w in p) for w in WORDS] for p in people]) + 0.01

@@ -16,9 +16,9 @@ import typing
 
 import pytest
 
-from llava_reid.interact.evaluate import EvaluateConfig, QuestionerEvaluation, results_settings
-from llava_reid.interact.merge import MergeConfig
-from llava_reid.interact.prepare_data import PrepareConfig
+from llava_reid.dialogue.evaluate import EvaluateConfig, QuestionerEvaluation, results_settings
+from llava_reid.dialogue.merge import MergeConfig
+from llava_reid.dialogue.prepare_data import PrepareConfig
 from llava_reid.questioner.train import SFTConfig
 from llava_reid.questioner.visual_cache import VisualCacheConfig
 from llava_reid.retriever.features import FeaturesConfig

@@ -16,7 +16,7 @@ from llava_reid.answerer.visual import TargetImages
 from llava_reid.data import attributes as A
 from llava_reid.data.annotations import read_annotations
 from llava_reid.data.caption_datasets import load_caption_dataset
-from llava_reid.interact.query import clean_answer
+from llava_reid.dialogue.query import clean_answer
 from tests.conftest import answerer_config
 
 

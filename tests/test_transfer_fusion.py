@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from llava_reid.artifacts import write_table
-from llava_reid.interact import merge
-from llava_reid.interact.fusion import AuxiliarySimilarity, AuxiliarySimilarityError, export
+from llava_reid.dialogue import merge
+from llava_reid.dialogue.fusion import AuxiliarySimilarity, AuxiliarySimilarityError, export
 from llava_reid.report.plots import load_metrics
 from llava_reid.retriever.features import embedding_column
 from llava_reid.retriever.gallery import Gallery

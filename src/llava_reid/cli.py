@@ -76,7 +76,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
         ],
     ),
     "prepare-data": (
-        "llava_reid.interact.prepare_data",
+        "llava_reid.dialogue.prepare_data",
         "run",
         "Look-ahead oracle plan and questioner SFT conversations (Parquet).",
         [
@@ -157,7 +157,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
         ],
     ),
     "evaluate": (
-        "llava_reid.interact.evaluate",
+        "llava_reid.dialogue.evaluate",
         "run",
         "Interactive dialogues of one chunk of the test queries, for one method.",
         [
@@ -179,7 +179,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
         ],
     ),
     "merge-eval": (
-        "llava_reid.interact.merge",
+        "llava_reid.dialogue.merge",
         "run",
         "Join a method's evaluation chunks by query id; per-round metrics and BRI.",
         [
@@ -192,7 +192,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
         ],
     ),
     "export-similarity": (
-        "llava_reid.interact.fusion",
+        "llava_reid.dialogue.fusion",
         "export",
         "Our retriever's score of every query against every gallery image (auxiliary-similarity "
         "Parquet: query_id, image_idx, score).",

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from llava_reid.answerer.base import IDK, AnswerRequest, check_unique_ids, too_short
-from llava_reid.interact.query import clean_answer
-from llava_reid.interact.repeats import plain_content_words
+from llava_reid.dialogue.query import clean_answer
+from llava_reid.dialogue.repeats import plain_content_words
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from llava_reid.data.attributes import BAG_TYPES, HAT_TYPES, LOWER_TYPES, UPPER_TYPES
-from llava_reid.interact.query import clean_answer
+from llava_reid.dialogue.query import clean_answer
 
 FAMILIES = ("hair", "upper", "lower", "shoes", "bag", "hat", "glasses")
 MIXED, OTHER, IDK_FAMILY = "mixed", "other", "idk"

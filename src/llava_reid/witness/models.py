@@ -1,7 +1,7 @@
 """The trained system, loaded once per process, the way evaluation loads it.
 
 Retriever, gallery features, asker (questioner + adapter + cached visual tokens + selector) and
-the test queries all come through ``llava_reid.interact.evaluate``'s loaders; the person takes
+the test queries all come through ``llava_reid.dialogue.evaluate``'s loaders; the person takes
 the answerer's place, so none is built. Model calls are serialised by ``lock`` (one server may
 hold several sessions; the models are not re-entrant).
 """
@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 
 from llava_reid.artifacts import ArtifactError, read_table
-from llava_reid.interact.askers import Dialogue
-from llava_reid.interact.engine import DialogueEngine
-from llava_reid.interact.evaluate import build_asker, load_dialogues, read_settings
+from llava_reid.dialogue.askers import Dialogue
+from llava_reid.dialogue.engine import DialogueEngine
+from llava_reid.dialogue.evaluate import build_asker, load_dialogues, read_settings
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import seed_everything

@@ -24,10 +24,10 @@ import pyarrow as pa
 import torch
 
 from llava_reid.artifacts import write_table
-from llava_reid.interact.askers import Dialogue, RoundContext
-from llava_reid.interact.engine import TOP_K_RECORDED, UNKNOWN_TARGET, advance
-from llava_reid.interact.evaluate import rows_table
-from llava_reid.interact.query import append_answer
+from llava_reid.dialogue.askers import Dialogue, RoundContext
+from llava_reid.dialogue.engine import TOP_K_RECORDED, UNKNOWN_TARGET, advance
+from llava_reid.dialogue.evaluate import rows_table
+from llava_reid.dialogue.query import append_answer
 from llava_reid.runtime import config_hash
 from llava_reid.witness.models import WitnessModels
 

@@ -24,7 +24,7 @@ from llava_reid.artifacts import (
     write_json,
     write_table,
 )
-from llava_reid.interact import fusion
+from llava_reid.dialogue import fusion
 from llava_reid.metrics import bri, rank_metrics
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash

@@ -36,8 +36,8 @@ import torch
 from llava_reid.answerer.base import IDK
 from llava_reid.artifacts import write_table
 from llava_reid.data.annotations import read_annotations
-from llava_reid.interact.oracle import best_next_answers, usable_answers
-from llava_reid.interact.query import append_answer
+from llava_reid.dialogue.oracle import best_next_answers, usable_answers
+from llava_reid.dialogue.query import append_answer
 from llava_reid.questioner.prompts import NUM_TEMPLATES
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.retriever.gallery import Gallery

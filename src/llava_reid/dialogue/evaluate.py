@@ -28,16 +28,16 @@ import pyarrow as pa
 
 from llava_reid.artifacts import ArtifactError, read_metadata, read_table, write_table
 from llava_reid.data.annotations import read_annotations
-from llava_reid.interact.askers import (
+from llava_reid.dialogue.askers import (
     Dialogue,
     InitialOnly,
     LookAheadOracle,
     QuestionerAsker,
     RandomAnnotated,
 )
-from llava_reid.interact.engine import DialogueEngine, advance
-from llava_reid.interact.fusion import AuxiliarySimilaritySettings
-from llava_reid.interact.fusion import from_settings as auxiliary_similarity
+from llava_reid.dialogue.engine import DialogueEngine, advance
+from llava_reid.dialogue.fusion import AuxiliarySimilaritySettings
+from llava_reid.dialogue.fusion import from_settings as auxiliary_similarity
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash, seed_everything

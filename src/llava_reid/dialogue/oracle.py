@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_reid.interact.query import append_answer, clean_answer
+from llava_reid.dialogue.query import append_answer, clean_answer
 from llava_reid.retriever.gallery import Gallery
 
 

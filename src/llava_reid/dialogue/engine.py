@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from llava_reid.answerer import AnswerRequest
-from llava_reid.interact.askers import Asked, Dialogue, RoundContext
-from llava_reid.interact.query import append_answer
+from llava_reid.dialogue.askers import Asked, Dialogue, RoundContext
+from llava_reid.dialogue.query import append_answer
 from llava_reid.retriever.gallery import Gallery
 
 log = logging.getLogger(__name__)

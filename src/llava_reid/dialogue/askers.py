@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from llava_reid.interact.oracle import best_next_answers
-from llava_reid.interact.repeats import REPEAT_OVERLAP, repeat_score
+from llava_reid.dialogue.oracle import best_next_answers
+from llava_reid.dialogue.repeats import REPEAT_OVERLAP, repeat_score
 from llava_reid.questioner.prompts import NUM_TEMPLATES, build_prompt
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.training import derived_seed
