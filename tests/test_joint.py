@@ -32,7 +32,7 @@ def _joint(q, straight_through: bool):
                        ImageTokens(q, _Cache(tokens), {}), pool_size=8, num_candidates=3,
                        straight_through=straight_through)
     examples = [Example(i, 100 + i, 0, (0, "I saw a man.", (), ()), "Was he carrying a bag?",
-                        tuple(range(100, 108))) for i in range(2)]
+                        tuple(range(100, 108)), 1.0) for i in range(2)]
     pools = torch.arange(8).repeat(2, 1)
     query = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
     loss = module(examples, query, pools, torch.zeros(2, dtype=torch.long), 0.5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from llava_reid.dialogue.prepare_data import (
     PrepareSettings,
     build_conversations,
+    label_gains,
     oracle_recall_per_round,
     plan_dialogues,
 )
@@ -88,6 +90,15 @@ def test_random_histories_keep_lookahead_targets_and_never_reuse_answers():
         assert list(conv.history_answers) == [answers[j] for j in followed]
         assert list(conv.history_questions) == [questions[j] for j in followed]
         assert conv.target_question == questions[steps.answer_index[conv.round]]
+        step = steps.iloc[conv.round]  # the label's gain: ln rank before - ln rank after
+        assert conv.label_gain == pytest.approx(np.log(step.rank_before / step.rank_after))
+
+
+def test_label_gain_is_the_log_rank_gain_of_the_lookahead_choice():
+    steps = pd.DataFrame({"rank_before": [40, 3, 1, 1], "rank_after": [3, 1, 1, 2]})
+    gains = label_gains(steps)
+    assert gains.dtype == np.float32
+    assert gains.tolist() == pytest.approx([np.log(40 / 3), np.log(3), 0.0, -np.log(2)])
 
 
 def test_lookahead_breaks_rank_ties_by_the_target_margin():

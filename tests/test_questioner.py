@@ -307,3 +307,20 @@ def test_generation_runs_sdpa_whatever_the_loaded_attention(tiny_folder):
     finally:
         hook.remove()
     assert set(seen) == {"sdpa"} and config._attn_implementation == "eager"
+
+
+def test_repeat_by_gain_weights_examples_by_how_far_their_label_moved_the_target():
+    from llava_reid.artifacts import ArtifactError
+    from llava_reid.questioner.sft_data import Example, repeat_by_gain
+
+    def example(i: int, gain: float) -> Example:
+        return Example(i, i, 0, (0, "I saw a man.", (), ()), "Was he carrying a bag?", (i,),
+                       gain)
+
+    gains = [0.0, 0.2, 0.3, 1.0, 1.6, 9.0, -0.7]
+    repeated = repeat_by_gain([example(i, g) for i, g in enumerate(gains)], unit=0.5,
+                              max_repeats=4)
+    # 0 -> 0, 0.2 -> 0, 0.3 -> 1, 1.0 -> 2, 1.6 -> 3, 9.0 -> 4 (capped), -0.7 -> 0
+    assert [e.example_id for e in repeated] == [2, 3, 3, 4, 4, 4, 5, 5, 5, 5]
+    with pytest.raises(ArtifactError, match="repeat_by_gain.unit"):
+        repeat_by_gain([example(0, 0.1)], unit=0.5, max_repeats=4)

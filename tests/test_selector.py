@@ -387,6 +387,7 @@ def test_warmup_stage_from_files(tmp_path, retriever_folder):
         "description": texts, "target_question": ["?"] * n,
         "target_answer_index": pa.array(np.zeros(n), pa.int16()),
         "template_id": pa.array(np.zeros(n), pa.int8()), "idk_augmented": augmented,
+        "label_gain": pa.array(np.ones(n), pa.float32()),
         "pool": [image_idx[p].astype(np.int32) for p in pools.numpy()],
     }), tmp_path / "conversations.parquet", "conversations", config_hash="t", producer="t")
 

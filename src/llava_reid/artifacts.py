@@ -79,6 +79,8 @@ SCHEMAS: dict[str, list[tuple[str, Any]]] = {
         ("target_answer_index", pa.int16()),
         ("template_id", pa.int8()),
         ("idk_augmented", pa.bool_()),
+        # ln(rank before) - ln(rank after) of the target question's answer in this state
+        ("label_gain", pa.float32()),
         ("pool", pa.list_(pa.int32())),  # top-N retrieval pool, image_idx in rank order
     ],
     "dialogues": [

@@ -156,6 +156,15 @@ def oracle_recall_per_round(plan: pd.DataFrame, n_images: int, rounds: int) -> l
     return out
 
 
+def label_gains(steps: pd.DataFrame) -> np.ndarray:
+    """How much each step's look-ahead choice helped: ln(rank before) - ln(rank after) (0
+    when it kept the target where it was; negative when every usable answer pushed it down).
+    An IDK-augmented copy of a dialogue shares its steps' gains."""
+    before = steps.rank_before.to_numpy(dtype=np.float64)
+    after = steps.rank_after.to_numpy(dtype=np.float64)
+    return (np.log(before) - np.log(after)).astype(np.float32)
+
+
 def build_conversations(rows: pd.DataFrame, plan: pd.DataFrame, pcfg: PrepareSettings,
                         seed: int) -> pd.DataFrame:
     """SFT examples (without pools) from the plan; seeded templates and IDK duplicates."""
@@ -168,6 +177,7 @@ def build_conversations(rows: pd.DataFrame, plan: pd.DataFrame, pcfg: PrepareSet
             continue
         chosen = steps.answer_index.tolist()
         followed = steps.followed_index.tolist()
+        gains = label_gains(steps).tolist()
         questions = [row.questions[j] for j in followed]
         answers = [row.answers[j] for j in followed]
         variants = [(answers, False)]
@@ -185,7 +195,7 @@ def build_conversations(rows: pd.DataFrame, plan: pd.DataFrame, pcfg: PrepareSet
                     "description": description,
                     "target_question": row.questions[j], "target_answer_index": int(j),
                     "template_id": int(rng.integers(NUM_TEMPLATES)),
-                    "idk_augmented": augmented,
+                    "idk_augmented": augmented, "label_gain": gains[r],
                 })
                 description = append_answer(description, history_answers[r])
     table = pd.DataFrame(examples)

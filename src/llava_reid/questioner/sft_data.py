@@ -8,6 +8,12 @@ question. Joint training replaces the plain top-k by the selector's choice from 
 
 A seeded fraction of IMAGES (not rows, so no dialogue leaks) is held out to measure the
 held-out loss and the generated questions.
+
+The look-ahead's labels are not equally informative: once the target ranks first, every
+answer keeps it there and the label is only the widest margin, while the question whose answer
+lifts the target from rank 40 to 3 is what the questioner is for. ``repeat_by_gain`` repeats
+each training example in proportion to its label's gain (``label_gain``, log-rank), so an epoch
+weights the labels by how much they move the target and leaves out those that move nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class Example:
     prompt_args: tuple  # (template_id, initial, history questions, history answers)
     target: str
     pool: tuple[int, ...]  # top-N image_idx of the query so far, best first
+    label_gain: float  # ln(rank before) - ln(rank after) of the target question's answer
 
     def prompt(self, num_images: int) -> PromptParts:
         template_id, initial, questions, answers = self.prompt_args
@@ -55,6 +62,7 @@ def load_examples(conversations: str) -> list[Example]:
                          tuple(row.history_questions), tuple(row.history_answers)),
             target=row.target_question,
             pool=tuple(int(x) for x in row.pool),
+            label_gain=float(row.label_gain),
         ))
     if not out:
         raise ArtifactError(f"{conversations}: no conversations")
@@ -71,3 +79,16 @@ def split_holdout(examples: list[Example], fraction: float, seed: int
     train = [e for e in examples if e.image_idx not in held]
     hold = [e for e in examples if e.image_idx in held]
     return train, hold
+
+
+def repeat_by_gain(examples: list[Example], unit: float, max_repeats: int) -> list[Example]:
+    """Each example ``round(label_gain / unit)`` times (at most ``max_repeats``; none when its
+    label moved the target by less than half a ``unit``), in the given order."""
+    out = []
+    for e in examples:
+        repeats = int(np.clip(np.round(e.label_gain / unit), 0, max_repeats))
+        out += [e] * repeats
+    if not out:
+        raise ArtifactError(f"no example's label gain reaches half of repeat_by_gain.unit "
+                            f"({unit}); lower the unit")
+    return out

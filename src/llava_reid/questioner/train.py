@@ -31,7 +31,12 @@ from llava_reid.questioner.generate import GenerationConfig, generate_questions
 from llava_reid.questioner.loading import ImageTokens, attach_lora, load_base
 from llava_reid.questioner.model import Batch, Questioner
 from llava_reid.questioner.quality import well_formed_fraction
-from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
+from llava_reid.questioner.sft_data import (
+    Example,
+    load_examples,
+    repeat_by_gain,
+    split_holdout,
+)
 from llava_reid.runtime import config_hash
 from llava_reid.stage_views import config_key, typed_view
 from llava_reid.training import (
@@ -97,6 +102,14 @@ def heldout_report(q: Questioner, held: list[Example], num_candidates: int,
 
 
 @dataclass(frozen=True)
+class GainRepeats:
+    """``questioner.sft.repeat_by_gain``: example repeats per epoch = round(gain / unit)."""
+
+    unit: float
+    max_repeats: int
+
+
+@dataclass(frozen=True)
 class SFTSchedule:
     """What train-questioner reads of ``questioner.sft`` (``gradient_checkpointing`` is read
     by ``attach_lora``)."""
@@ -112,6 +125,7 @@ class SFTSchedule:
     holdout: float  # share of the conversations held out
     eval_prompts: int  # held-out prompts answered greedily at the end
     group_by_length: bool
+    repeat_by_gain: GainRepeats | None  # None: every example once per epoch
 
 
 @dataclass(frozen=True)
@@ -142,6 +156,10 @@ def run(cfg: dict[str, Any], model: str, conversations: str, visual_tokens: str,
 
     examples = load_examples(conversations)
     train, held = split_holdout(examples, sft.holdout, seed)
+    if sft.repeat_by_gain is not None:
+        kept = len(train)
+        train = repeat_by_gain(train, sft.repeat_by_gain.unit, sft.repeat_by_gain.max_repeats)
+        log.info("repeat_by_gain: %d training examples -> %d per epoch", kept, len(train))
     q = load_base(model, qcfg, device)
     tokens = ImageTokens.for_training(q, qcfg, visual_tokens, annotations, image_root)
 
