@@ -21,7 +21,13 @@ from llava_reid.dialogue.engine import advance
 from llava_reid.dialogue.evaluate import chunk_ids, restore, rows_table
 from llava_reid.dialogue.merge import merge_chunks
 from llava_reid.dialogue.query import append_answer, clean_answer
-from llava_reid.dialogue.repeats import content_words, is_repeat, overlap
+from llava_reid.dialogue.repeats import (
+    asks_what_was_said,
+    content_words,
+    is_repeat,
+    overlap,
+    stated_facts,
+)
 from llava_reid.questioner.generate import GenerationConfig, GenerationResult
 
 
@@ -106,6 +112,32 @@ def test_repeats_are_judged_by_content_words(question, earlier, repeat):
     assert is_repeat(question, earlier) is repeat
 
 
+@pytest.mark.parametrize("question, said", [
+    ("What colour was her jacket?", True),  # "a black jacket"
+    ("Was her jacket purple?", True),
+    ("What colour was the top she wore?", True),  # one upper garment: the jacket
+    ("What colour were her trousers?", False),  # "trousers" without a colour: still open
+    ("Were her jeans grey?", False),
+    ("What kind of top was she wearing?", False),  # names no attribute: never counted
+    ("What colour was her hair?", True),  # from the answer "Her hair was brown and short."
+    ("Did she have long hair?", True),
+    ("What colour were her shoes?", False),
+])
+def test_questions_about_what_the_witness_said(question, said):
+    statements = ["I saw a woman wearing a black jacket and trousers.",
+                  "Her hair was brown and short.", "I don't know."]
+    assert asks_what_was_said(question, statements) is said
+
+
+def test_stated_facts_pair_items_with_the_values_of_their_clause():
+    assert stated_facts(["I saw a man in a t-shirt and pink jeans."]) >= {("<lower>", "<colour>")}
+    assert ("<upper>", "<colour>") not in stated_facts(["I saw a man in a t-shirt and pink jeans."])
+    # A clause without an item ("short") gives its value to the item before it.
+    assert stated_facts(["His hair was brown and short."]) == {("hair", "<colour>"),
+                                                               ("hair", "<length>")}
+    assert stated_facts(["I don't know."]) == set()
+
+
 def test_content_words_drop_function_words_and_name_attributes_for_values():
     assert content_words("Was she wearing a bag? A) red B) blue") == {"<bag>", "<colour>"}
     assert content_words("How long was his hair?") == {"hair", "<length>"}
@@ -140,6 +172,26 @@ def test_questioner_redraws_repeats_and_keeps_the_least_repeating(monkeypatch):
     assert out == ["Was she wearing a bag?", "Was she wearing glasses?"]
     # Only the repeating dialogue is redrawn, each time with a wider nucleus and hotter.
     assert calls == [(1, 0.9, 1.125), (1, 0.9, 1.25), (1, 0.9, 1.375)]
+
+
+def test_questioner_redraws_a_question_about_what_the_witness_said(monkeypatch):
+    import llava_reid.questioner.generate as gen
+
+    draws = iter([["Was his jacket blue?"], ["What colour were his jeans?"]])
+
+    def fake_generate(q, prompts, image_ids, tokens, seeds, cfg, prefix_cache, batch_size):
+        return GenerationResult(questions=next(draws), seen=[[] for _ in prompts])
+
+    monkeypatch.setattr(gen, "generate_questions", fake_generate)
+    asker = QuestionerAsker(questioner=None, visual_cache=SimpleNamespace(tokens=None),
+                            gallery=None,
+                            generation=GenerationConfig(max_new_tokens=8, do_sample=True,
+                                                        top_p=0.5, temperature=1.0),
+                            seed=0, pool_size=4, num_candidates=2, batch_size=8)
+    d = _dialogue()
+    d.initial = "I saw a man in a blue jacket and jeans."
+    ctx = RoundContext(0, [d], None, None, [5])
+    assert asker.avoid_repeats(ctx, ["p0"], [[1]], next(draws)) == ["What colour were his jeans?"]
 
 
 def _chunk(tmp_path, name, ids, rounds=2):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from llava_reid.dialogue.oracle import best_next_answers
-from llava_reid.dialogue.repeats import REPEAT_OVERLAP, repeat_score
+from llava_reid.dialogue.repeats import REPEAT_OVERLAP, asks_what_was_said, repeat_score
 from llava_reid.questioner.prompts import NUM_TEMPLATES, build_prompt
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.training import derived_seed
@@ -187,16 +187,24 @@ class QuestionerAsker:
         return [Asked(text, candidates=ids, seen=seen)
                 for text, ids, seen in zip(questions, image_ids, result.seen, strict=True)]
 
+    @staticmethod
+    def waste(question: str, d: Dialogue) -> float:
+        """How much ``question`` asks again (``dialogue.repeats``): its overlap with an earlier
+        question, or 1.0 when the witness has already said what it asks."""
+        if asks_what_was_said(question, [d.initial, *d.answers]):
+            return 1.0
+        return repeat_score(question, d.questions)
+
     def avoid_repeats(self, ctx: RoundContext, prompts, image_ids, questions: list[str]
                       ) -> list[str]:
-        """A question about what the dialogue already asked (``interact.repeats``) wastes the
-        round: redraw it with a wider nucleus, a little hotter each time, up to ``REDRAWS``
-        times; keep the first draw that is no repeat, else the least repeating one."""
+        """A question about what the dialogue already asked or the witness already said
+        (``dialogue.repeats``) wastes the round: redraw it with a wider nucleus, a little
+        hotter each time, up to ``REDRAWS`` times; keep the first draw that is no repeat, else
+        the least repeating one."""
         from llava_reid.questioner.generate import generate_questions
 
         questions = list(questions)
-        scores = [repeat_score(q, d.questions) for d, q in zip(ctx.dialogues, questions,
-                                                               strict=True)]
+        scores = [self.waste(q, d) for d, q in zip(ctx.dialogues, questions, strict=True)]
         for attempt in range(1, self.REDRAWS + 1):
             todo = [i for i, score in enumerate(scores) if score >= REPEAT_OVERLAP]
             if not todo:
@@ -209,7 +217,7 @@ class QuestionerAsker:
                                          [image_ids[i] for i in todo], self.cache.tokens,
                                          seeds, cfg, self.prefix_cache, self.batch_size)
             for i, text in zip(todo, redrawn.questions, strict=True):
-                score = repeat_score(text, ctx.dialogues[i].questions)
+                score = self.waste(text, ctx.dialogues[i])
                 if score < scores[i]:
                     questions[i], scores[i] = text, score
         return questions

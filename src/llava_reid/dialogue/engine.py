@@ -37,7 +37,7 @@ class DialogueEngine:
         self.asker, self.answerer = asker, answerer
         self.rounds, self.pool_size = rounds, pool_size
         self.text_batch_size = text_batch_size
-        self.auxiliary = auxiliary  # llava_reid.interact.fusion.AuxiliarySimilarity or None
+        self.auxiliary = auxiliary  # llava_reid.dialogue.fusion.AuxiliarySimilarity or None
 
     def rank(self, dialogues: Sequence[Dialogue]):
         feats = self.encoder.encode_texts([d.query for d in dialogues], self.text_batch_size)

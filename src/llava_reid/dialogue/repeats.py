@@ -1,4 +1,4 @@
-"""When a question asks again what the dialogue already asked.
+"""When a question asks again what the dialogue already asked, or what the witness said.
 
 A witness asked twice about the same thing gives the same answer, so the round is wasted. Exact
 text match misses most repeats of a small questioner ("What colour were her hair?" after "What
@@ -8,9 +8,19 @@ without the function words and verbs every question shares. Words that name a va
 attribute stand for the attribute they ask about: any colour word is "<colour>", any length
 word "<length>", so "Was his hair blonde?" repeats "What colour was his hair?" and "Did she
 have short hair?" repeats "How long was her hair?", while hair colour and hair length stay
-apart; words for the same item share one ("hat", "cap", "head" -> "<headwear>"). Two
+apart; words for the same item share one ("hat", "cap", "head" -> "<headwear>"; "jacket",
+"top" -> "<upper>"). Two
 questions are repeats when the Jaccard overlap of their content words reaches
 ``REPEAT_OVERLAP``.
+
+A question can also ask what the witness has already said without any earlier question
+("What colour was her jacket?" after "I saw a woman in a black jacket and trousers."). The
+witness's words are read as facts: within each clause (split at punctuation and "and"; a
+clause naming no item belongs to the one before, as in "her hair was brown and short") every
+item word is paired with every attribute the clause gives a value of ("black jacket" ->
+(jacket, <colour>)). A question asks what was said when every (item, attribute) pair it names
+is among them; a question that names no attribute ("What kind of top?") is never counted, so
+"What colour were her trousers?" after "a black jacket and trousers" stays open.
 """
 
 from __future__ import annotations
@@ -43,6 +53,16 @@ ATTRIBUTE_OF |= {w: "<bag>" for w in ("bag", "bags", "backpack", "handbag", "pur
                                      "satchel")}
 ATTRIBUTE_OF |= {w: "<footwear>" for w in ("shoes", "shoe", "sneakers", "boots", "footwear",
                                           "sandals")}
+# One upper and one lower garment: "What colour was the top?" asks what "a black jacket" said.
+ATTRIBUTE_OF |= {w: "<upper>" for w in ("top", "tops", "jacket", "jackets", "sweater",
+                                       "sweaters", "shirt", "shirts", "blouse", "coat", "hoodie",
+                                       "jumper", "cardigan")}
+ATTRIBUTE_OF |= {w: "<lower>" for w in ("trousers", "pants", "jeans", "shorts", "skirt",
+                                       "skirts", "leggings")}
+
+
+# The attributes a clause can give a value of, and a question can ask for.
+ATTRIBUTES = frozenset({"<colour>", "<length>"})
 
 
 def plain_content_words(text: str) -> frozenset[str]:
@@ -71,3 +91,31 @@ def repeat_score(question: str, earlier: Iterable[str]) -> float:
 
 def is_repeat(question: str, earlier: Iterable[str]) -> bool:
     return repeat_score(question, earlier) >= REPEAT_OVERLAP
+
+
+def facts(words: frozenset[str]) -> set[tuple[str, str]]:
+    """(item, attribute) pairs of one clause's or question's content words."""
+    attributes = words & ATTRIBUTES
+    return {(item, attribute) for item in words - ATTRIBUTES for attribute in attributes}
+
+
+def stated_facts(statements: Iterable[str]) -> set[tuple[str, str]]:
+    """The (item, attribute) pairs the witness's statements give values of."""
+    out: set[tuple[str, str]] = set()
+    for statement in statements:
+        clauses: list[frozenset[str]] = []
+        for part in re.split(r"[.,;:!?]|\band\b", statement.lower()):
+            words = content_words(part)
+            if clauses and not words - ATTRIBUTES:  # no item: the previous clause's values
+                clauses[-1] = clauses[-1] | words
+            elif words:
+                clauses.append(words)
+        for words in clauses:
+            out |= facts(words)
+    return out
+
+
+def asks_what_was_said(question: str, statements: Iterable[str]) -> bool:
+    """Whether every (item, attribute) pair ``question`` names was already stated."""
+    asked = facts(content_words(question))
+    return bool(asked) and asked <= stated_facts(statements)
