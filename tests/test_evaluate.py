@@ -194,6 +194,21 @@ def test_questioner_redraws_a_question_about_what_the_witness_said(monkeypatch):
     assert asker.avoid_repeats(ctx, ["p0"], [[1]], next(draws)) == ["What colour were his jeans?"]
 
 
+def test_consensus_asks_the_topic_most_samples_ask():
+    asker = QuestionerAsker(questioner=None, visual_cache=SimpleNamespace(tokens=None),
+                            gallery=None, generation=GenerationConfig(), seed=0, pool_size=4,
+                            num_candidates=2, batch_size=8, votes=6)
+    d = _dialogue()
+    d.initial = "I saw a man in a blue jacket and jeans."
+    samples = ["What colour were his shoes?",  # the likeliest single wording
+               "Were his jeans red?", "What colour was his jacket?",  # the jacket: said
+               "What colour were his jeans?", "Was his jacket blue?", "Were his jeans grey?"]
+    assert asker.consensus(d, samples) == "Were his jeans red?"
+    # Nothing open: the first sample stays, for avoid_repeats to redraw.
+    said = ["What colour was his jacket?", "Was his jacket blue?"]
+    assert asker.consensus(d, said) == said[0]
+
+
 def _chunk(tmp_path, name, ids, rounds=2):
     rows = [{"query_id": q, "pid": q, "round": r, "query": "q", "target_rank": 1, "top_k": [0],
              "candidates": [], "seen_images": [], "question": "", "answer": "",

@@ -180,6 +180,28 @@ def test_sampling_depends_on_the_row_seed_not_the_batch(questioner):
     assert again == together
 
 
+def test_samples_per_prompt_share_one_prefill_and_differ_by_seed(questioner):
+    from llava_reid.questioner.generate import sample_seed
+
+    tokens = questioner.encode_images(_images(4))
+    prompts = [build_prompt(i % NUM_TEMPLATES, 4, "I saw a man.", [], []) for i in range(3)]
+    cfg = GenerationConfig(max_new_tokens=8, do_sample=True, top_p=1.0, temperature=1.5)
+
+    def source(ids):
+        return [tokens[i] for i in ids]
+
+    result = generate_questions(questioner, prompts, [[0, 1, 2, 3]] * 3, source, [21, 22, 23],
+                                cfg, samples=4)
+    assert [len(s) for s in result.samples] == [4, 4, 4]
+    assert result.questions == [s[0] for s in result.samples]
+    # Sample k of a prompt is what one sample with seed sample_seed(seed, k) gives.
+    for p, seed, drawn in zip(prompts, [21, 22, 23], result.samples, strict=True):
+        alone = [generate_questions(questioner, [p], [[0, 1, 2, 3]], source,
+                                    [sample_seed(seed, k)], cfg).questions[0] for k in range(4)]
+        assert drawn == alone
+    assert len({q for s in result.samples for q in s}) > 3  # the seeds do differ
+
+
 def test_top_p_sampling_keeps_to_the_nucleus():
     logits = torch.tensor([[5.0, 4.9, 0.0, -1.0, -2.0]]).repeat(400, 1)
     seeds = torch.arange(400)

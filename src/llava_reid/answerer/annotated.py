@@ -33,7 +33,7 @@ import numpy as np
 
 from llava_reid.answerer.base import IDK, AnswerRequest, check_unique_ids, too_short
 from llava_reid.dialogue.query import clean_answer
-from llava_reid.dialogue.repeats import plain_content_words
+from llava_reid.dialogue.repeats import content_words
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class LexicalBank:
     def words(self, question: str, answer: str) -> frozenset[str]:
         """A pair's words: its question, its answer, and the bank's questions answered alike."""
         same = self.questions_by_answer.get(self._answer_key(answer), ())
-        return plain_content_words(" ".join([question, answer, *sorted(same)]))
+        return content_words(" ".join([question, answer, *sorted(same)]))
 
     def vector(self, words: Iterable[str]) -> dict[str, float]:
         weights = {w: self.idf.get(w, self.unseen_idf) for w in words}
@@ -185,7 +185,7 @@ class AnnotatedAnswerer:
         # so all are part of the name (the cache only reuses answers from the same name).
         self.name = f"annotated:{self.encoder.name}:t={self.threshold:g}"
         if self.bank is not None:
-            self.name += f":lex={self.lexical_ratio:g}:bank={self.bank.name}"
+            self.name += f":lex={self.lexical_ratio:g}:folded:bank={self.bank.name}"
         # Annotated questions repeat across rounds and dialogues: embed each string once.
         self._memo: dict[str, np.ndarray] = {}
         self.encoded_texts = 0  # how many strings went through the encoder (for tests/logging)
@@ -247,7 +247,7 @@ class AnnotatedAnswerer:
         the bank's best pair does (always true without a bank)."""
         if self.bank is None:
             return True
-        asked = self.bank.vector(plain_content_words(question))
+        asked = self.bank.vector(content_words(question))
         match = self.bank.cosine(asked, self.bank.vector(self.bank.words(annotated_q,
                                                                         annotated_a)))
         return match > 0.0 and match >= self.lexical_ratio * self.bank.best(asked)

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from llava_reid.dialogue.oracle import best_next_answers
-from llava_reid.dialogue.repeats import REPEAT_OVERLAP, asks_what_was_said, repeat_score
+from llava_reid.dialogue.repeats import (
+    REPEAT_OVERLAP,
+    asks_what_was_said,
+    overlap,
+    repeat_score,
+)
 from llava_reid.questioner.prompts import NUM_TEMPLATES, build_prompt
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.training import derived_seed
@@ -135,13 +140,14 @@ class QuestionerAsker:
     asks_witness = True
 
     def __init__(self, questioner, visual_cache, gallery: Gallery, generation, seed: int,
-                 pool_size: int, num_candidates: int, batch_size: int, selector=None):
+                 pool_size: int, num_candidates: int, batch_size: int, selector=None,
+                 votes: int = 1):
         from llava_reid.questioner.generate import PrefixCache
 
         self.q, self.cache, self.gallery = questioner, visual_cache, gallery
         self.generation, self.seed = generation, seed
         self.pool_size, self.num_candidates = pool_size, num_candidates
-        self.batch_size, self.selector = batch_size, selector
+        self.batch_size, self.selector, self.votes = batch_size, selector, votes
         self.prefix_cache = PrefixCache(questioner)
         self.name = "selector" if selector is not None else "questioner"
         self.label = ("Questioner + selector" if selector is not None
@@ -182,10 +188,28 @@ class QuestionerAsker:
         ]
         seeds = [derived_seed(self.seed, d.query_id, ctx.round, 2) for d in ctx.dialogues]
         result = generate_questions(self.q, prompts, image_ids, self.cache.tokens, seeds,
-                                    self.generation, self.prefix_cache, self.batch_size)
-        questions = self.avoid_repeats(ctx, prompts, image_ids, result.questions)
+                                    self.generation, self.prefix_cache, self.batch_size,
+                                    samples=self.votes)
+        questions = [self.consensus(d, drawn) for d, drawn in zip(ctx.dialogues,
+                                                                   result.samples, strict=True)]
+        questions = self.avoid_repeats(ctx, prompts, image_ids, questions)
         return [Asked(text, candidates=ids, seen=seen)
                 for text, ids, seen in zip(questions, image_ids, result.seen, strict=True)]
+
+    def consensus(self, d: Dialogue, samples: list[str]) -> str:
+        """The question most of the samples ask. Sampling token by token favours the single
+        likeliest wording ("What colour were her shoes?") over a topic whose probability is
+        spread over many wordings ("Were her jeans red?", "What colour were her jeans?",
+        ...); counting, for each sample, how many samples ask the same thing
+        (``repeats.overlap``) finds the topic the questioner puts most probability on.
+        Samples asking what the dialogue already asked or the witness said do not vote; with
+        no other sample the first stays (``avoid_repeats`` redraws it). Ties: the earlier
+        sample."""
+        open_ = [s for s in samples if self.waste(s, d) < REPEAT_OVERLAP]
+        if not open_:
+            return samples[0]
+        support = [sum(overlap(s, t) >= REPEAT_OVERLAP for t in open_) for s in open_]
+        return open_[support.index(max(support))]
 
     @staticmethod
     def waste(question: str, d: Dialogue) -> float:

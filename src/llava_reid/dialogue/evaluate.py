@@ -79,6 +79,7 @@ class GenerationSettings:
     top_p: float
     temperature: float
     batch_size: int  # dialogues generated together
+    votes: int  # samples per question; the one most of them agree on is asked
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,8 @@ def build_asker(method: str, settings: EvaluateConfig, asking: QuestionerEvaluat
         max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
         top_p=sampling.top_p, temperature=sampling.temperature)
     return QuestionerAsker(questioner, cache, gallery, generation, seed, settings.pool_size,
-                           asking.num_candidates, sampling.batch_size, selector=selector)
+                           asking.num_candidates, sampling.batch_size, selector=selector,
+                           votes=sampling.votes)
 
 
 def rows_table(rows: list[dict[str, Any]], dim: int) -> pa.Table:

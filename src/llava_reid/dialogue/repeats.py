@@ -65,10 +65,19 @@ ATTRIBUTE_OF |= {w: "<lower>" for w in ("trousers", "pants", "jeans", "shorts", 
 ATTRIBUTES = frozenset({"<colour>", "<length>"})
 
 
+# Item synonyms only (no attribute values): "skirt" and "trousers" name the lower garment.
+ITEM_OF = {w: tag for w, tag in ATTRIBUTE_OF.items() if tag not in ATTRIBUTES}
+
+
 def plain_content_words(text: str) -> frozenset[str]:
     """Lower-cased words of three or more letters, without the function words."""
     return frozenset(w for w in re.findall(r"[a-z]+", text.lower())
                      if len(w) >= 3 and w not in FUNCTION_WORDS)
+
+
+def item_words(text: str) -> frozenset[str]:
+    """The plain content words with item synonyms folded, attribute values kept."""
+    return frozenset(ITEM_OF.get(w, w) for w in plain_content_words(text))
 
 
 def content_words(text: str) -> frozenset[str]:

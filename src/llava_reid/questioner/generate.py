@@ -199,8 +199,14 @@ PREFILL_TOKENS = 32_768  # padded prompt tokens per prefill pass (bounds activat
 
 @dataclass
 class GenerationResult:
-    questions: list[str]
+    questions: list[str]  # per prompt, its first sample
     seen: list[list[int]]  # per prompt, the image ids whose tokens were spliced, in order
+    samples: list[list[str]] = field(default_factory=list)  # per prompt, every sample
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of a prompt's k-th sample (the 0th keeps the prompt's own seed)."""
+    return seed if k == 0 else (seed * 1_000_003 + k * 7_919) & _MASK31
 
 
 @torch.inference_mode()
@@ -214,33 +220,36 @@ def generate_questions(
     prefix_cache: PrefixCache | None = None,
     batch_size: int = 64,
     prefill_tokens: int | None = None,
+    samples: int = 1,
 ) -> GenerationResult:
-    """One question per prompt; ``image_ids[i]`` are prompt i's images in slot order and
-    ``token_source(ids)`` returns their visual tokens (the cache). Prompts are generated in
-    batches of ``batch_size``, whatever their templates; each batch is prefilled in passes
-    of about ``prefill_tokens`` padded tokens."""
+    """``samples`` questions per prompt (seeds: :func:`sample_seed`); ``image_ids[i]`` are
+    prompt i's images in slot order and ``token_source(ids)`` returns their visual tokens
+    (the cache). Prompts are generated in batches of ``batch_size``, whatever their
+    templates; each batch is prefilled in passes of about ``prefill_tokens`` padded tokens,
+    once for all the samples of a prompt."""
     prefix_cache = prefix_cache or PrefixCache(questioner)
-    questions: list[str] = []
+    drawn: list[list[str]] = []
     seen: list[list[int]] = []
     with _sdpa_attention(questioner.base.model.language_model):
         for s in range(0, len(prompts), batch_size):
             rows = range(s, min(s + batch_size, len(prompts)))
             tokens = [token_source(image_ids[i]) for i in rows]
-            questions += _generate_batch(questioner, [prompts[i] for i in rows], tokens,
-                                         [seeds[i] for i in rows], cfg, prefix_cache,
-                                         prefill_tokens or PREFILL_TOKENS)
+            drawn += _generate_batch(questioner, [prompts[i] for i in rows], tokens,
+                                     [seeds[i] for i in rows], cfg, prefix_cache,
+                                     prefill_tokens or PREFILL_TOKENS, samples)
             seen += [[int(x) for x in image_ids[i]] for i in rows]
-    return GenerationResult(questions, seen)
+    return GenerationResult([d[0] for d in drawn], seen, drawn)
 
 
 def _generate_batch(q: Questioner, prompts, image_tokens, seeds, cfg,
-                    prefix_cache: PrefixCache, prefill_tokens: int = PREFILL_TOKENS
-                    ) -> list[str]:
+                    prefix_cache: PrefixCache, prefill_tokens: int = PREFILL_TOKENS,
+                    samples: int = 1) -> list[list[str]]:
     """Cache slots per row: [pad][its template's prefix][pad][its own tokens][generated].
 
     Rows are processed longest body first, so each prefill pass pads its rows only to the
     longest body among them; all rows share the slot where bodies end, so decoding writes
-    every row's new token into the same slot."""
+    every row's new token into the same slot. For ``samples`` > 1 each row's prefilled cache
+    is copied to that many decoding rows, which differ only in their seeds."""
     device = q.device
     bodies = [q.prompt_ids(p, [len(t) for t in toks])
               for p, toks in zip(prompts, image_tokens, strict=True)]
@@ -283,6 +292,15 @@ def _generate_batch(q: Questioner, prompts, image_tokens, seeds, cfg,
         last_logits.append(head(hidden[:, -1]))
         start = stop
     logits = torch.cat(last_logits)
+    if samples > 1:  # row r's samples are rows r * samples .. r * samples + samples - 1
+        for layer in cache.layers:
+            layer.keys = layer.keys.repeat_interleave(samples, 0)
+            layer.values = layer.values.repeat_interleave(samples, 0)
+        visible = visible.repeat_interleave(samples, 0)
+        prefix_lens = prefix_lens.repeat_interleave(samples)
+        body_lens = body_lens.repeat_interleave(samples)
+        logits = logits.repeat_interleave(samples, 0)
+        bsz *= samples
 
     # Decode: fixed-address inputs, advanced in place, so the step can be a CUDA graph.
     plan.rows, plan.slot = slice(None), torch.tensor([body_end], device=device)
@@ -298,7 +316,8 @@ def _generate_batch(q: Questioner, prompts, image_tokens, seeds, cfg,
 
     step_fn = _GraphedStep(decode_step) if device.type == "cuda" and cfg.cuda_graphs \
         else decode_step
-    seed_t = torch.tensor([seeds[i] for i in order], dtype=torch.int64, device=device)
+    seed_t = torch.tensor([sample_seed(seeds[i], k) for i in order for k in range(samples)],
+                          dtype=torch.int64, device=device)
     stops = torch.tensor(q.stop_ids, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
@@ -319,14 +338,15 @@ def _generate_batch(q: Questioner, prompts, image_tokens, seeds, cfg,
         logits = step_fn()
 
     tokens = torch.stack(generated, 1).cpu().tolist()
-    texts = [""] * bsz
-    for row, original in zip(tokens, order, strict=True):
+    texts: list[list[str]] = [[] for _ in order]
+    for n, row in enumerate(tokens):
         cut = row
         for j, t in enumerate(row):
             if t in q.stop_ids:
                 cut = row[:j]
                 break
-        texts[original] = clean_question(q.tokenizer.decode(cut, skip_special_tokens=True))
+        texts[order[n // samples]].append(
+            clean_question(q.tokenizer.decode(cut, skip_special_tokens=True)))
     return texts
 
 
