@@ -28,6 +28,14 @@ from llava_reid.questioner.prompts import PromptParts, build_prompt
 
 
 @dataclass(frozen=True)
+class GainRepeats:
+    """``questioner.sft.repeat_by_gain``: example repeats per epoch = round(gain / unit)."""
+
+    unit: float
+    max_repeats: int
+
+
+@dataclass(frozen=True)
 class Example:
     example_id: int
     image_idx: int

@@ -33,6 +33,7 @@ from llava_reid.questioner.model import Batch, Questioner
 from llava_reid.questioner.quality import well_formed_fraction
 from llava_reid.questioner.sft_data import (
     Example,
+    GainRepeats,
     load_examples,
     repeat_by_gain,
     split_holdout,
@@ -99,14 +100,6 @@ def heldout_report(q: Questioner, held: list[Example], num_candidates: int,
         "examples": [{"target": e.target, "generated": qq}
                      for e, qq in zip(sample[:12], questions[:12], strict=True)],
     }
-
-
-@dataclass(frozen=True)
-class GainRepeats:
-    """``questioner.sft.repeat_by_gain``: example repeats per epoch = round(gain / unit)."""
-
-    unit: float
-    max_repeats: int
 
 
 @dataclass(frozen=True)

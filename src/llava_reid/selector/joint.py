@@ -32,7 +32,13 @@ from torch import nn
 
 from llava_reid.artifacts import atomic_dir, read_table, write_json
 from llava_reid.questioner.loading import ImageTokens, attach_lora, load_base
-from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
+from llava_reid.questioner.sft_data import (
+    Example,
+    GainRepeats,
+    load_examples,
+    repeat_by_gain,
+    split_holdout,
+)
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.retriever.gallery import Gallery
 from llava_reid.runtime import config_hash
@@ -84,6 +90,8 @@ class JointConfig:
     pool_size: int = config_key("dialogue.pool_size")
     num_candidates: int = config_key("dialogue.num_candidates")
     holdout: float = config_key("questioner.sft.holdout")  # the SFT stage's held-out share
+    # The SFT stage's label weighting, so the adapter keeps learning from the same labels.
+    repeat_by_gain: GainRepeats | None = config_key("questioner.sft.repeat_by_gain")
     text_batch_size: int = config_key("features.batch_size")
     # The questioner section as passed: what its loaders (load_base, attach_lora,
     # ImageTokens) read.
@@ -169,6 +177,9 @@ def run(cfg: dict[str, Any], model: str, adapter: str, selector: str, conversati
     descriptions = dict(zip(table.column("example_id").to_pylist(),
                             table.column("description").to_pylist(), strict=True))
     examples, held = split_holdout(load_examples(conversations), settings.holdout, seed)
+    if settings.repeat_by_gain is not None:
+        examples = repeat_by_gain(examples, settings.repeat_by_gain.unit,
+                                  settings.repeat_by_gain.max_repeats)
     query_feats = query_features(retriever, settings.device, examples, descriptions,
                                  settings.text_batch_size)
     train_gallery = Gallery.from_parquet(gallery, device)
