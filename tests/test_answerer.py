@@ -315,7 +315,7 @@ def test_build_answerer_annotated(monkeypatch, encoder):
     bank = list(zip(ANNOTATED_Q, ANNOTATED_A, strict=True))
     default = build_answerer(DEFAULT_ACFG, question_bank=bank)
     assert isinstance(default, Answerer)
-    assert default.name.startswith("annotated:all-MiniLM-L6-v2:t=0.55:lex=0.4:bank=5:")
+    assert default.name.startswith("annotated:all-MiniLM-L6-v2:t=0.55:lex=0.4:folded:bank=5:")
     assert default.answer([req("x", "What color are his shoes?")]) == [ANNOTATED_A[0]]
     a = build_answerer({**DEFAULT_ACFG, "idk_min_question_chars": 3,
                         "annotated": {"encoder": None, "threshold": 0.6, "lexical_ratio": None}})
@@ -976,3 +976,21 @@ def test_visible_gpu_mapping():
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "standin":
     standin_main(sys.argv[2:])
+
+
+def test_annotated_answer_about_the_garment_asked_under_another_name(encoder):
+    """'Was her skirt grey?' of a woman in trousers asks the lower garment's colour: the
+    witness answers with her trousers' colour, not "I don't know" (item synonyms fold:
+    dialogue.repeats); a question about her top still gets no lower-garment fact."""
+    from llava_reid.answerer.annotated import AnnotatedAnswerer
+
+    target_q = ("What colour were her trousers?", "What colour were her shoes?")
+    target_a = ("Her trousers were black.", "Her shoes were white.")
+    bank = (*zip(target_q, target_a, strict=True),
+            ("Was her skirt grey?", "No, her skirt was blue."),
+            ("What colour was her jacket?", "Her jacket was red."),
+            ("Were her jeans blue?", "Yes, her jeans were blue."))
+    checked = AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=bank)
+    skirt = req("0", "Was her skirt grey?", qs=target_q, ans=target_a)
+    top = req("1", "What colour was her jacket?", qs=target_q, ans=target_a)
+    assert checked.answer([skirt, top]) == [target_a[0], IDK]
