@@ -56,13 +56,13 @@ def small_config() -> dict:
                      vocab_size=400, vision_hidden_size=16, vision_layers=1, vision_heads=2,
                      image_size=32, patch_size=8)
     q["lora"].update(rank=8, alpha=16)
-    q["sft"].update(epochs=1, batch_size=16, checkpoint_every=5, eval_prompts=16)
+    q["sft"].update(epochs=1, batch_size=16, checkpoint_every=2, eval_prompts=16)
     cfg["evaluate"]["generation"].update(max_new_tokens=12)
     cfg["dialogue"].update(rounds=3, pool_size=20)
     s = cfg["selector"]
     s.update(layers=1, heads=2, ffn=32)
     s["warmup"].update(epochs=2)
-    cfg["joint"].update(batch_size=16, checkpoint_every=5)
+    cfg["joint"].update(batch_size=16, checkpoint_every=2)
     return cfg
 
 

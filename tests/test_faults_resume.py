@@ -389,8 +389,9 @@ def test_every_missing_artifact_is_rebuilt_by_a_plain_run(dag, tmp_path):
     assert not _dry_run_rules(dag) - {"all"}
 
 
-def _jobs_in_group(pgid: int, command: str) -> list[int]:
-    """Processes of the process group ``pgid`` running ``llava-reid <command>``."""
+def _jobs_in_group(pgid: int, command: str, cwd: Path) -> list[int]:
+    """Processes of the process group ``pgid`` running ``llava-reid <command>`` whose
+    ``--out`` file (relative to ``cwd``) is not written yet."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -399,7 +400,9 @@ def _jobs_in_group(pgid: int, command: str) -> list[int]:
         except OSError:
             continue  # the process ended while we looked
         if int(fields[2]) == pgid and command.encode() in argv and b"--out" in argv:
-            found.append(int(stat.parent.name))
+            out = argv[argv.index(b"--out") + 1].decode()
+            if not (cwd / out).exists():
+                found.append(int(stat.parent.name))
     return found
 
 
@@ -411,9 +414,11 @@ def test_interrupted_forcerun_then_plain_run_leaves_every_output(dag, tmp_path):
                      popen=True)
     deadline = time.time() + 600
     # Snakemake deletes a job's output a moment before it spawns the job: interrupt only once an
-    # evaluate process runs, else the job spawned after the Ctrl-C runs to completion.
+    # evaluate process runs that has not written its chunk yet, else the job spawned after the
+    # Ctrl-C (or one just writing its output) runs to completion.
     while time.time() < deadline and proc.poll() is None and (
-            all(c.exists() for c in chunks) or not _jobs_in_group(proc.pid, "evaluate")):
+            all(c.exists() for c in chunks)
+            or not _jobs_in_group(proc.pid, "evaluate", Path(dag["work"]))):
         time.sleep(0.05)
     assert proc.poll() is None, "the forced run ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C

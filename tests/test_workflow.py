@@ -171,7 +171,7 @@ def _planned_jobs(workflow, tmp_path, edit) -> list[tuple[str, str]]:
 
 def test_editing_generation_reruns_only_the_questioners_evaluation(workflow, tmp_path):
     jobs = _planned_jobs(workflow, tmp_path,
-                         lambda cfg: cfg["evaluate"]["generation"].update(top_p=0.9))
+                         lambda cfg: cfg["evaluate"]["generation"].update(top_p=0.5))
     rules = {r for r, _ in jobs}
     assert "evaluate" in rules
     assert rules <= {"evaluate", "merge_eval", "plots", "ranked_lists", "all"}, rules
