@@ -145,6 +145,15 @@ def test_content_words_drop_function_words_and_name_attributes_for_values():
     assert overlap("Did she have long hair?", "What colour was her hair?") == pytest.approx(1 / 3)
 
 
+def _text_only_asker(votes: int = 1) -> QuestionerAsker:
+    """A questioner asker whose generation the tests replace (no model, no images)."""
+    return QuestionerAsker(questioner=None, visual_cache=SimpleNamespace(tokens=None),
+                           gallery=None,
+                           generation=GenerationConfig(max_new_tokens=8, do_sample=True,
+                                                       top_p=0.5, temperature=1.0),
+                           seed=0, pool_size=4, num_candidates=2, batch_size=8, votes=votes)
+
+
 def test_questioner_redraws_repeats_and_keeps_the_least_repeating(monkeypatch):
     import llava_reid.questioner.generate as gen
 
@@ -159,11 +168,7 @@ def test_questioner_redraws_repeats_and_keeps_the_least_repeating(monkeypatch):
         return GenerationResult(questions=next(draws), seen=[[] for _ in prompts])
 
     monkeypatch.setattr(gen, "generate_questions", fake_generate)
-    asker = QuestionerAsker(questioner=None, visual_cache=SimpleNamespace(tokens=None),
-                            gallery=None,
-                            generation=GenerationConfig(max_new_tokens=8, do_sample=True,
-                                                        top_p=0.5, temperature=1.0),
-                            seed=0, pool_size=4, num_candidates=2, batch_size=8)
+    asker = _text_only_asker()
     fresh, asked = _dialogue(), _dialogue()
     asked.questions = ["What colour was her hair?"]
     ctx = RoundContext(1, [fresh, asked], None, None, [5, 5])
@@ -183,11 +188,7 @@ def test_questioner_redraws_a_question_about_what_the_witness_said(monkeypatch):
         return GenerationResult(questions=next(draws), seen=[[] for _ in prompts])
 
     monkeypatch.setattr(gen, "generate_questions", fake_generate)
-    asker = QuestionerAsker(questioner=None, visual_cache=SimpleNamespace(tokens=None),
-                            gallery=None,
-                            generation=GenerationConfig(max_new_tokens=8, do_sample=True,
-                                                        top_p=0.5, temperature=1.0),
-                            seed=0, pool_size=4, num_candidates=2, batch_size=8)
+    asker = _text_only_asker()
     d = _dialogue()
     d.initial = "I saw a man in a blue jacket and jeans."
     ctx = RoundContext(0, [d], None, None, [5])
@@ -195,9 +196,7 @@ def test_questioner_redraws_a_question_about_what_the_witness_said(monkeypatch):
 
 
 def test_consensus_asks_the_topic_most_samples_ask():
-    asker = QuestionerAsker(questioner=None, visual_cache=SimpleNamespace(tokens=None),
-                            gallery=None, generation=GenerationConfig(), seed=0, pool_size=4,
-                            num_candidates=2, batch_size=8, votes=6)
+    asker = _text_only_asker(votes=6)
     d = _dialogue()
     d.initial = "I saw a man in a blue jacket and jeans."
     samples = ["What colour were his shoes?",  # the likeliest single wording
