@@ -122,6 +122,11 @@ def test_repeats_are_judged_by_content_words(question, earlier, repeat):
     ("What colour was her hair?", True),  # from the answer "Her hair was brown and short."
     ("Did she have long hair?", True),
     ("What colour were her shoes?", False),
+    # Generic words give way to the item they qualify; "long-sleeved" is no hair length.
+    ("What colour were the clothes on her upper body?", True),
+    ("What colour were the clothes on her lower body?", False),
+    ("What colour was her long-sleeved shirt?", True),
+    ("What colour was her outfit?", False),  # which garment? not counted
 ])
 def test_questions_about_what_the_witness_said(question, said):
     statements = ["I saw a woman wearing a black jacket and trousers.",
@@ -141,6 +146,11 @@ def test_stated_facts_pair_items_with_the_values_of_their_clause():
 def test_content_words_drop_function_words_and_name_attributes_for_values():
     assert content_words("Was she wearing a bag? A) red B) blue") == {"<bag>", "<colour>"}
     assert content_words("How long was his hair?") == {"hair", "<length>"}
+    assert content_words("Was he wearing a long-sleeved shirt?") == {"<upper>"}
+    assert content_words("Was he wearing a t-shirt?") == {"<upper>"}
+    assert content_words("What did she wear on her legs?") == {"<lower>"}
+    assert content_words("What colour were the clothes on his lower body?") == {
+        "<clothes>", "<colour>", "<lower>"}
     assert overlap("What colour was her bag?", "Was her bag red?") == 1.0
     assert overlap("Did she have long hair?", "What colour was her hair?") == pytest.approx(1 / 3)
 

@@ -118,6 +118,42 @@ def test_train_transform_is_seeded_and_keeps_shape():
         t(img)
 
 
+def test_sincos_grid_codes_rows_and_columns():
+    from llava_reid.retriever.init import sincos_grid
+
+    codes = sincos_grid(3, 2, 10)  # 10 channels: two frequencies per quarter, 2 left zero
+    assert codes.shape == (6, 10)
+    assert torch.equal(codes[:, 8:], torch.zeros(6, 2))
+    # Row-major: patch 3 is row 1, column 1; the first frequency is 1 radian per step.
+    assert torch.allclose(codes[3, 0], torch.sin(torch.tensor(1.0)))
+    assert torch.allclose(codes[3, 2], torch.cos(torch.tensor(1.0)))
+    assert torch.allclose(codes[0, 4:8], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    assert torch.allclose(codes[1, 4], torch.sin(torch.tensor(1.0)))  # column 1
+    assert len({tuple(c.tolist()) for c in codes}) == 6  # every patch its own code
+
+
+def test_tiny_sincos_positions_survive_save_and_load(tmp_path):
+    from llava_reid.retriever.init import SINCOS_SCALE, build_tiny, sincos_grid
+    from llava_reid.retriever.model import load_clip
+
+    tiny = {"embed_dim": 16, "hidden_size": 16, "vision_layers": 1, "text_layers": 1,
+            "heads": 2, "patch_size": 8, "vocab_size": 300, "position_init": "sincos"}
+    rcfg = {"tiny": tiny, "image_height": 32, "image_width": 16, "text_length": 16}
+    model, tokenizer = build_tiny(rcfg, ["a man in a red t-shirt and blue jeans"] * 4, 0)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_clip(tmp_path).vision_model.embeddings
+    assert loaded.grid == (4, 2)
+    table = loaded.position_embedding.weight
+    assert torch.equal(table[0], torch.zeros(16))
+    assert torch.allclose(table[1:], SINCOS_SCALE * sincos_grid(4, 2, 16))
+    pixels = torch.zeros(2, 3, 32, 16)
+    assert load_clip(tmp_path).vision_model(pixel_values=pixels, interpolate_pos_encoding=True
+                                            ).last_hidden_state.shape == (2, 9, 16)
+    random_model, _ = build_tiny({**rcfg, "tiny": {**tiny, "position_init": "random"}},
+                                 ["a man in a red t-shirt"] * 4, 0)
+    assert not hasattr(random_model.vision_model.embeddings, "grid")  # CLIP's square grid
+
+
 def test_stretch_text_context_interpolates_positions():
     from transformers import CLIPConfig, CLIPModel
 

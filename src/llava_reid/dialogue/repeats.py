@@ -36,6 +36,8 @@ FUNCTION_WORDS = frozenset({
     "that", "the", "their", "them", "there", "these", "they", "this", "those", "was", "wear",
     "wearing", "were", "what", "whether", "which", "who", "with", "wore", "worn", "you", "your",
     "kind", "type", "sort", "carry", "carrying", "carried", "hold", "holding", "held",
+    # "her lower body" is the lower garment, "a long-sleeved shirt" a shirt (not a length).
+    "body", "long-sleeved", "short-sleeved", "sleeved", "sleeveless",
 })
 
 # Attribute values -> the attribute a question asks about when it names one.
@@ -54,11 +56,15 @@ ATTRIBUTE_OF |= {w: "<bag>" for w in ("bag", "bags", "backpack", "handbag", "pur
 ATTRIBUTE_OF |= {w: "<footwear>" for w in ("shoes", "shoe", "sneakers", "boots", "footwear",
                                           "sandals")}
 # One upper and one lower garment: "What colour was the top?" asks what "a black jacket" said.
-ATTRIBUTE_OF |= {w: "<upper>" for w in ("top", "tops", "jacket", "jackets", "sweater",
+ATTRIBUTE_OF |= {w: "<upper>" for w in ("upper", "t-shirt", "t-shirts", "top", "tops", "jacket", "jackets", "sweater",
                                        "sweaters", "shirt", "shirts", "blouse", "coat", "hoodie",
                                        "jumper", "cardigan")}
-ATTRIBUTE_OF |= {w: "<lower>" for w in ("trousers", "pants", "jeans", "shorts", "skirt",
+ATTRIBUTE_OF |= {w: "<lower>" for w in ("lower", "legs", "bottoms", "bottom", "trousers", "pants", "jeans", "shorts", "skirt",
                                        "skirts", "leggings")}
+# Clothes in general: a word of its own, but no item once a question names one ("the clothes
+# on her lower body" asks about the lower garment).
+CLOTHES = "<clothes>"
+ATTRIBUTE_OF |= {w: CLOTHES for w in ("clothes", "clothing", "outfit", "garment", "garments")}
 
 
 # The attributes a clause can give a value of, and a question can ask for.
@@ -70,8 +76,9 @@ ITEM_OF = {w: tag for w, tag in ATTRIBUTE_OF.items() if tag not in ATTRIBUTES}
 
 
 def plain_content_words(text: str) -> frozenset[str]:
-    """Lower-cased words of three or more letters, without the function words."""
-    return frozenset(w for w in re.findall(r"[a-z]+", text.lower())
+    """Lower-cased words of three or more letters (hyphenated ones whole: "t-shirt"),
+    without the function words."""
+    return frozenset(w for w in re.findall(r"[a-z]+(?:-[a-z]+)*", text.lower())
                      if len(w) >= 3 and w not in FUNCTION_WORDS)
 
 
@@ -105,7 +112,10 @@ def is_repeat(question: str, earlier: Iterable[str]) -> bool:
 def facts(words: frozenset[str]) -> set[tuple[str, str]]:
     """(item, attribute) pairs of one clause's or question's content words."""
     attributes = words & ATTRIBUTES
-    return {(item, attribute) for item in words - ATTRIBUTES for attribute in attributes}
+    items = words - ATTRIBUTES
+    if len(items) > 1:
+        items -= {CLOTHES}
+    return {(item, attribute) for item in items for attribute in attributes}
 
 
 def stated_facts(statements: Iterable[str]) -> set[tuple[str, str]]:

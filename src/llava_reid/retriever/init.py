@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 from llava_reid.artifacts import atomic_dir
 from llava_reid.data.annotations import training_corpus
+from llava_reid.retriever.model import use_position_grid
 from llava_reid.runtime import seed_everything
 from llava_reid.tokenization import train_bpe_tokenizer
 
@@ -71,7 +72,37 @@ def build_tiny(rcfg: dict[str, Any], corpus: list[str], seed: int):
         projection_dim=tiny["embed_dim"],
     )
     seed_everything(seed)
-    return CLIPModel(config), tokenizer
+    model = CLIPModel(config)
+    if tiny["position_init"] == "sincos":
+        grid = (rcfg["image_height"] // tiny["patch_size"],
+                rcfg["image_width"] // tiny["patch_size"])
+        use_position_grid(model, grid)
+        table = model.vision_model.embeddings.position_embedding.weight
+        with torch.no_grad():
+            table.zero_()  # the CLS position
+            table[1:] = SINCOS_SCALE * sincos_grid(*grid, width)
+    return model, tokenizer
+
+
+# Random position embeddings start ~10x smaller than a patch token (norm ~0.2 vs ~2.3 at
+# init) and a tiny tower trained from scratch never grows them: it ends up a bag of colours.
+# Sine-cosine codes at this scale have norm sqrt(width / 2) / 4, i.e. 2.0 at width 128.
+SINCOS_SCALE = 0.25
+
+
+def sincos_grid(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes [rows * cols, dim] (row-major, as the patches):
+    a quarter of the channels each for sin and cos of the row and of the column index, at
+    geometric frequencies; channels beyond a multiple of four stay zero."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    rows_at, cols_at = torch.meshgrid(torch.arange(rows, dtype=torch.float32),
+                                      torch.arange(cols, dtype=torch.float32), indexing="ij")
+    parts = []
+    for pos in (rows_at.flatten(), cols_at.flatten()):
+        angle = pos[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return F.pad(torch.cat(parts, dim=1), (0, dim - 4 * quarter))
 
 
 def stretch_text_context(model: CLIPModel, length: int) -> None:
