@@ -148,6 +148,9 @@ def test_content_words_drop_function_words_and_name_attributes_for_values():
     assert content_words("How long was his hair?") == {"hair", "<length>"}
     assert content_words("Was he wearing a long-sleeved shirt?") == {"<upper>"}
     assert content_words("Was he wearing a t-shirt?") == {"<upper>"}
+    # An unknown hyphenated word is read as its parts (a small questioner's "long-shirt").
+    assert content_words("What colour was her long-shirt?") == {"<colour>", "<length>",
+                                                                "<upper>"}
     assert content_words("What did she wear on her legs?") == {"<lower>"}
     assert content_words("What colour were the clothes on his lower body?") == {
         "<clothes>", "<colour>", "<lower>"}

@@ -76,10 +76,14 @@ ITEM_OF = {w: tag for w, tag in ATTRIBUTE_OF.items() if tag not in ATTRIBUTES}
 
 
 def plain_content_words(text: str) -> frozenset[str]:
-    """Lower-cased words of three or more letters (hyphenated ones whole: "t-shirt"),
-    without the function words."""
-    return frozenset(w for w in re.findall(r"[a-z]+(?:-[a-z]+)*", text.lower())
-                     if len(w) >= 3 and w not in FUNCTION_WORDS)
+    """Lower-cased words of three or more letters, without the function words. A hyphenated
+    word is one word when it is known ("t-shirt", "long-sleeved"), else its parts
+    ("long-shirt" -> "long", "shirt")."""
+    words = []
+    for word in re.findall(r"[a-z]+(?:-[a-z]+)*", text.lower()):
+        known = word in ATTRIBUTE_OF or word in FUNCTION_WORDS
+        words += [word] if known or "-" not in word else word.split("-")
+    return frozenset(w for w in words if len(w) >= 3 and w not in FUNCTION_WORDS)
 
 
 def item_words(text: str) -> frozenset[str]:
