@@ -351,6 +351,17 @@ def test_annotated_lexical_check_refuses_another_items_fact(encoder):
     assert checked.answer([sweater, legs]) == [IDK, IDK]
 
 
+def test_annotated_item_check_refuses_a_garbled_garment_question(encoder):
+    """A small questioner's "long-shirt" is unknown to the bank, so its IDF weighs little;
+    the question still names a garment, and no hair, headwear or shoes fact answers it."""
+    from llava_reid.answerer.annotated import AnnotatedAnswerer
+
+    checked = AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=BANK)
+    garbled = [req(str(i), q, qs=TARGET_Q, ans=TARGET_A)
+               for i, q in enumerate(("What colour was her long-shirt?", "Was her long-shirt red?"))]
+    assert checked.answer(garbled) == [IDK, IDK]
+
+
 def test_annotated_lexical_check_keeps_paraphrases(encoder):
     from llava_reid.answerer.annotated import AnnotatedAnswerer
 

@@ -17,7 +17,10 @@ answered "She wore a red cap."), weighted by inverse document frequency over the
 template words ("colour", "what") count little and item words ("sweater", "hair") much. The
 best match is answered only when its IDF cosine to the asked question's content words reaches
 ``lexical_ratio`` times the best one over the whole bank; a sweater question whose bank match
-names sweaters, but whose target match names hair, gets "I don't know.".
+names sweaters, but whose target match names hair, gets "I don't know.". And when the question
+names an item (the hair, a garment, the shoes, a bag, headwear, eyewear), the match must name
+one of them too: a garbled "What colour was her long-shirt?" is no question about her hair,
+however little the bank knows of "long-shirt".
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 
 from llava_reid.answerer.base import IDK, AnswerRequest, check_unique_ids, too_short
 from llava_reid.dialogue.query import clean_answer
-from llava_reid.dialogue.repeats import content_words
+from llava_reid.dialogue.repeats import content_words, named_items
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +250,13 @@ class AnnotatedAnswerer:
         the bank's best pair does (always true without a bank)."""
         if self.bank is None:
             return True
-        asked = self.bank.vector(content_words(question))
-        match = self.bank.cosine(asked, self.bank.vector(self.bank.words(annotated_q,
-                                                                        annotated_a)))
+        words = content_words(question)
+        pair = self.bank.words(annotated_q, annotated_a)
+        items = named_items(words)
+        if items and not items & pair:
+            return False
+        asked = self.bank.vector(words)
+        match = self.bank.cosine(asked, self.bank.vector(pair))
         return match > 0.0 and match >= self.lexical_ratio * self.bank.best(asked)
 
     def close(self) -> None:

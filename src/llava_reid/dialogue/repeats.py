@@ -75,6 +75,15 @@ ATTRIBUTES = frozenset({"<colour>", "<length>"})
 ITEM_OF = {w: tag for w, tag in ATTRIBUTE_OF.items() if tag not in ATTRIBUTES}
 
 
+# The items a person is described by: folded item words and the hair.
+ITEMS = frozenset({*ITEM_OF.values(), "hair"}) - {CLOTHES}
+
+
+def named_items(words: frozenset[str]) -> frozenset[str]:
+    """The items among a text's content words."""
+    return words & ITEMS
+
+
 def plain_content_words(text: str) -> frozenset[str]:
     """Lower-cased words of three or more letters, without the function words. A hyphenated
     word is one word when it is known ("t-shirt", "long-sleeved"), else its parts
