@@ -315,7 +315,7 @@ def test_build_answerer_annotated(monkeypatch, encoder):
     bank = list(zip(ANNOTATED_Q, ANNOTATED_A, strict=True))
     default = build_answerer(DEFAULT_ACFG, question_bank=bank)
     assert isinstance(default, Answerer)
-    assert default.name.startswith("annotated:all-MiniLM-L6-v2:t=0.55:lex=0.4:folded:bank=5:")
+    assert default.name.startswith("annotated:all-MiniLM-L6-v2:t=0.55:lex=0.4:folded:items:bank=5:")
     assert default.answer([req("x", "What color are his shoes?")]) == [ANNOTATED_A[0]]
     a = build_answerer({**DEFAULT_ACFG, "idk_min_question_chars": 3,
                         "annotated": {"encoder": None, "threshold": 0.6, "lexical_ratio": None}})

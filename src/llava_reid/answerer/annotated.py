@@ -188,7 +188,7 @@ class AnnotatedAnswerer:
         # so all are part of the name (the cache only reuses answers from the same name).
         self.name = f"annotated:{self.encoder.name}:t={self.threshold:g}"
         if self.bank is not None:
-            self.name += f":lex={self.lexical_ratio:g}:folded:bank={self.bank.name}"
+            self.name += f":lex={self.lexical_ratio:g}:folded:items:bank={self.bank.name}"
         # Annotated questions repeat across rounds and dialogues: embed each string once.
         self._memo: dict[str, np.ndarray] = {}
         self.encoded_texts = 0  # how many strings went through the encoder (for tests/logging)
