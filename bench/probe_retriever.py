@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from llava_reid.data import attributes as A
 from llava_reid.dialogue.query import append_answer
+from llava_reid.metrics import target_ranks
 from llava_reid.report.answer_audit import FAMILIES, question_family
 from llava_reid.retriever.encoder import RetrieverEncoder
 
@@ -55,13 +56,11 @@ def probe_accuracy(train: torch.Tensor, train_y: list[str], test: torch.Tensor,
         return float(((test @ w * 10 + b).argmax(1) == y_test).float().mean())
 
 
-def target_ranks(encoder: RetrieverEncoder, gallery: torch.Tensor, gallery_pids: torch.Tensor,
-                 texts: list[str], pids: list[int]) -> torch.Tensor:
-    """1-based rank of the first gallery image of each text's identity."""
+def query_ranks(encoder: RetrieverEncoder, gallery: torch.Tensor, gallery_pids: torch.Tensor,
+                texts: list[str], pids: list[int]) -> torch.Tensor:
+    """1-based rank of the first gallery image of each text's identity (the evaluation's)."""
     feats, _ = encoder.encode_texts_once(texts)
-    order = (feats @ gallery.T).argsort(dim=1, descending=True)
-    hits = gallery_pids[order] == torch.tensor(pids)[:, None]
-    return hits.float().argmax(dim=1) + 1
+    return torch.from_numpy(target_ranks(feats @ gallery.T, torch.tensor(pids), gallery_pids))
 
 
 def main() -> None:
@@ -82,6 +81,7 @@ def main() -> None:
         return drawn[str(Path(record["file_path"]).relative_to("images"))]
 
     train, test = split("train"), split("test")
+    # clone(): the encoders return inference-mode tensors, which the probes cannot train on.
     images = {n: encoder.encode_images([data / r["file_path"] for r in rs]).clone()
               for n, rs in (("train", train), ("test", test))}
     texts = {n: encoder.encode_texts([r["fine-grained_description"] for r in rs]).clone()
@@ -96,7 +96,7 @@ def main() -> None:
         print(f"{attr:14s} {100 * acc_image:11.1f} {100 * acc_text:11.1f} {100 * majority:9.1f}")
 
     gallery, pids = images["test"], torch.tensor([r["id"] for r in test])
-    base = target_ranks(encoder, gallery, pids, [r["initial_description"] for r in test],
+    base = query_ranks(encoder, gallery, pids, [r["initial_description"] for r in test],
                         [r["id"] for r in test])
     queries, owners, families = [], [], []
     for i, r in enumerate(test):
@@ -104,7 +104,7 @@ def main() -> None:
             queries.append(append_answer(r["initial_description"], a))
             owners.append(i)
             families.append(question_family(q))
-    after = target_ranks(encoder, gallery, pids, queries, [test[i]["id"] for i in owners])
+    after = query_ranks(encoder, gallery, pids, queries, [test[i]["id"] for i in owners])
     gains = [math.log(base[i]) - math.log(a) for i, a in zip(owners, after.tolist(), strict=True)]
     print(f"\ninitial query R@1 {100 * float((base == 1).float().mean()):.2f}")
     print("answer family  answers  mean log-rank gain")
@@ -115,7 +115,7 @@ def main() -> None:
     accessory = [" ".join([f"I saw {A._a(person(r)['gender'])}.",
                            *(A.statement(A.Person(**person(r)), s) for s in ACCESSORY_SLOTS)])
                  for r in test]
-    ranks = target_ranks(encoder, gallery, pids, accessory, [r["id"] for r in test])
+    ranks = query_ranks(encoder, gallery, pids, accessory, [r["id"] for r in test])
     chance = 100.0 / len({r["id"] for r in test})
     print(f"\nhair/bag/hat/glasses-only query R@1 {100 * float((ranks == 1).float().mean()):.2f}"
           f" (one identity at random: {chance:.2f})")

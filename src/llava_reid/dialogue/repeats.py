@@ -56,11 +56,11 @@ ATTRIBUTE_OF |= {w: "<bag>" for w in ("bag", "bags", "backpack", "handbag", "pur
 ATTRIBUTE_OF |= {w: "<footwear>" for w in ("shoes", "shoe", "sneakers", "boots", "footwear",
                                           "sandals")}
 # One upper and one lower garment: "What colour was the top?" asks what "a black jacket" said.
-ATTRIBUTE_OF |= {w: "<upper>" for w in ("upper", "t-shirt", "t-shirts", "top", "tops", "jacket", "jackets", "sweater",
-                                       "sweaters", "shirt", "shirts", "blouse", "coat", "hoodie",
-                                       "jumper", "cardigan")}
-ATTRIBUTE_OF |= {w: "<lower>" for w in ("lower", "legs", "bottoms", "bottom", "trousers", "pants", "jeans", "shorts", "skirt",
-                                       "skirts", "leggings")}
+ATTRIBUTE_OF |= {w: "<upper>" for w in ("upper", "t-shirt", "t-shirts", "top", "tops", "jacket",
+                                       "jackets", "sweater", "sweaters", "shirt", "shirts",
+                                       "blouse", "coat", "hoodie", "jumper", "cardigan")}
+ATTRIBUTE_OF |= {w: "<lower>" for w in ("lower", "legs", "bottoms", "bottom", "trousers", "pants",
+                                       "jeans", "shorts", "skirt", "skirts", "leggings")}
 # Clothes in general: a word of its own, but no item once a question names one ("the clothes
 # on her lower body" asks about the lower garment).
 CLOTHES = "<clothes>"

@@ -95,7 +95,7 @@ def sincos_grid(rows: int, cols: int, dim: int) -> torch.Tensor:
     a quarter of the channels each for sin and cos of the row and of the column index, at
     geometric frequencies; channels beyond a multiple of four stay zero."""
     quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     rows_at, cols_at = torch.meshgrid(torch.arange(rows, dtype=torch.float32),
                                       torch.arange(cols, dtype=torch.float32), indexing="ij")
     parts = []
