@@ -24,6 +24,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llava_reid.answerer import (
@@ -315,7 +316,7 @@ def test_build_answerer_annotated(monkeypatch, encoder):
     bank = list(zip(ANNOTATED_Q, ANNOTATED_A, strict=True))
     default = build_answerer(DEFAULT_ACFG, question_bank=bank)
     assert isinstance(default, Answerer)
-    assert default.name.startswith("annotated:all-MiniLM-L6-v2:t=0.55:lex=0.4:folded:items:bank=5:")
+    assert default.name.startswith("annotated:all-MiniLM-L6-v2:t=0.55:lex=0.4:folded:items:ranked:bank=5:")
     assert default.answer([req("x", "What color are his shoes?")]) == [ANNOTATED_A[0]]
     a = build_answerer({**DEFAULT_ACFG, "idk_min_question_chars": 3,
                         "annotated": {"encoder": None, "threshold": 0.6, "lexical_ratio": None}})
@@ -379,6 +380,46 @@ def test_annotated_lexical_check_keeps_paraphrases(encoder):
     # The original annotations' answers pass the check with the default bank as well.
     assert AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=BANK).answer(
         [req("x", "Was he carrying a bag?")]) == [ANNOTATED_A[1]]
+
+
+def test_annotated_answers_from_the_pair_about_the_asked_item(encoder):
+    """Seen in evaluation: "Were her trousers green?" reads most like the target's shoe
+    question (0.69 against 0.68), whose pair the item check refuses; the witness still knows
+    her trousers, so it answers from the most similar pair that names them."""
+    from llava_reid.answerer.annotated import AnnotatedAnswerer
+
+    target_q = ("Were her shoes grey?", "What colour were the clothes on her lower body?",
+                "What kind of top was she wearing?", "What colour was her hair?")
+    target_a = ("No, her shoes were red.", "Her trousers were red.", "She wore a jacket on top.",
+                "Her hair was grey.")
+    bank = (*zip(target_q, target_a, strict=True), *BANK)
+    trousers = req("0", "Were her trousers green?", qs=target_q, ans=target_a)
+    upper = req("1", "What did she wear on her upper body?", qs=target_q, ans=target_a)
+    checked = AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=bank)
+    sims = checked.scores([trousers])[0]
+    assert int(np.argmax(sims)) == 0  # the shoe question is the closest sentence
+    assert checked.answer([trousers, upper]) == [target_a[1], target_a[2]]
+    # Below the similarity threshold nothing is answered, whichever item it names.
+    strict = AnnotatedAnswerer(encoder, threshold=0.99, lexical_ratio=0.4, question_bank=bank)
+    assert strict.answer([trousers]) == [IDK]
+
+
+def test_annotated_answer_about_the_garment_asked_under_another_name(encoder):
+    """'Was her skirt grey?' of a woman in trousers asks the lower garment's colour: the
+    witness answers with her trousers' colour, not "I don't know" (item synonyms fold:
+    dialogue.repeats); a question about her top still gets no lower-garment fact."""
+    from llava_reid.answerer.annotated import AnnotatedAnswerer
+
+    target_q = ("What colour were her trousers?", "What colour were her shoes?")
+    target_a = ("Her trousers were black.", "Her shoes were white.")
+    bank = (*zip(target_q, target_a, strict=True),
+            ("Was her skirt grey?", "No, her skirt was blue."),
+            ("What colour was her jacket?", "Her jacket was red."),
+            ("Were her jeans blue?", "Yes, her jeans were blue."))
+    checked = AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=bank)
+    skirt = req("0", "Was her skirt grey?", qs=target_q, ans=target_a)
+    top = req("1", "What colour was her jacket?", qs=target_q, ans=target_a)
+    assert checked.answer([skirt, top]) == [target_a[0], IDK]
 
 
 def test_annotated_lexical_check_needs_a_bank_and_names_it(encoder):
@@ -987,21 +1028,3 @@ def test_visible_gpu_mapping():
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "standin":
     standin_main(sys.argv[2:])
-
-
-def test_annotated_answer_about_the_garment_asked_under_another_name(encoder):
-    """'Was her skirt grey?' of a woman in trousers asks the lower garment's colour: the
-    witness answers with her trousers' colour, not "I don't know" (item synonyms fold:
-    dialogue.repeats); a question about her top still gets no lower-garment fact."""
-    from llava_reid.answerer.annotated import AnnotatedAnswerer
-
-    target_q = ("What colour were her trousers?", "What colour were her shoes?")
-    target_a = ("Her trousers were black.", "Her shoes were white.")
-    bank = (*zip(target_q, target_a, strict=True),
-            ("Was her skirt grey?", "No, her skirt was blue."),
-            ("What colour was her jacket?", "Her jacket was red."),
-            ("Were her jeans blue?", "Yes, her jeans were blue."))
-    checked = AnnotatedAnswerer(encoder, lexical_ratio=0.4, question_bank=bank)
-    skirt = req("0", "Was her skirt grey?", qs=target_q, ans=target_a)
-    top = req("1", "What colour was her jacket?", qs=target_q, ans=target_a)
-    assert checked.answer([skirt, top]) == [target_a[0], IDK]

@@ -25,6 +25,7 @@ from llava_reid.dialogue.repeats import (
     asks_what_was_said,
     content_words,
     is_repeat,
+    names_one_item,
     overlap,
     stated_facts,
 )
@@ -219,6 +220,42 @@ def test_consensus_asks_the_topic_most_samples_ask():
     # Nothing open: the first sample stays, for avoid_repeats to redraw.
     said = ["What colour was his jacket?", "Was his jacket blue?"]
     assert asker.consensus(d, said) == said[0]
+
+
+@pytest.mark.parametrize("question, one_item", [
+    ("What colour were her shoes?", True),
+    ("Was she carrying anything, like a bag?", True),
+    ("Was her top sweater, long-sleeved shirt or t-shirt? A) sweater B) t-shirt", True),
+    ("What colour were the clothes on her lower body?", True),
+    ("What colour were theStudy?", False),  # no item
+    ("Was he wearing a blonde?", False),
+    ("What shoes was she wear on her lower body?", False),  # two items
+    ("Was his hair short or a bag?", False),
+])
+def test_a_question_names_one_item(question, one_item):
+    assert names_one_item(question) is one_item
+
+
+def test_garbled_samples_neither_vote_nor_survive_a_redraw(monkeypatch):
+    """A hot redraw of a small questioner is often garbled; garbled text is no repeat of
+    anything, yet it wastes the round as surely as one (the witness can only guess what it
+    asks), so it neither wins the vote nor replaces a question."""
+    import llava_reid.questioner.generate as gen
+
+    asker = _text_only_asker(votes=3)
+    d = _dialogue()
+    samples = ["What shoes was she wear on her lower body?", "Were her?",
+               "What colour was her bag?"]
+    assert asker.consensus(d, samples) == "What colour was her bag?"
+    draws = iter([["Was his hair short or a bag?"], ["What colour were theStudy?"],
+                  ["Were her jeans grey?"]])
+
+    def fake_generate(q, prompts, image_ids, tokens, seeds, cfg, prefix_cache, batch_size):
+        return GenerationResult(questions=next(draws), seen=[[] for _ in prompts])
+
+    monkeypatch.setattr(gen, "generate_questions", fake_generate)
+    ctx = RoundContext(1, [d], None, None, [5])
+    assert asker.avoid_repeats(ctx, ["p0"], [[1]], ["Were her?"]) == ["Were her jeans grey?"]
 
 
 def _chunk(tmp_path, name, ids, rounds=2):

@@ -20,7 +20,9 @@ best match is answered only when its IDF cosine to the asked question's content 
 names sweaters, but whose target match names hair, gets "I don't know.". And when the question
 names an item (the hair, a garment, the shoes, a bag, headwear, eyewear), the match must name
 one of them too: a garbled "What colour was her long-shirt?" is no question about her hair,
-however little the bank knows of "long-shirt".
+however little the bank knows of "long-shirt". The answer is the most similar of the target's
+pairs that pass this check, so "Were her trousers green?" is answered from her trousers'
+pair even when her shoe question reads more alike.
 """
 
 from __future__ import annotations
@@ -166,8 +168,8 @@ class SentenceEncoder:
 
 class AnnotatedAnswerer:
     """Answers with the annotated answer of the most similar annotated question; with a
-    ``question_bank`` and ``lexical_ratio``, only when that question also names the asked item
-    (see the module docstring)."""
+    ``question_bank`` and ``lexical_ratio``, of the most similar one that also names the asked
+    item (see the module docstring)."""
 
     def __init__(self, encoder: SentenceEncoder | str | Path | None = None,
                  threshold: float = DEFAULT_THRESHOLD, idk_min_question_chars: int = 15,
@@ -188,7 +190,7 @@ class AnnotatedAnswerer:
         # so all are part of the name (the cache only reuses answers from the same name).
         self.name = f"annotated:{self.encoder.name}:t={self.threshold:g}"
         if self.bank is not None:
-            self.name += f":lex={self.lexical_ratio:g}:folded:items:bank={self.bank.name}"
+            self.name += f":lex={self.lexical_ratio:g}:folded:items:ranked:bank={self.bank.name}"
         # Annotated questions repeat across rounds and dialogues: embed each string once.
         self._memo: dict[str, np.ndarray] = {}
         self.encoded_texts = 0  # how many strings went through the encoder (for tests/logging)
@@ -238,11 +240,17 @@ class AnnotatedAnswerer:
             return answers
         sims = self.scores([requests[i] for i in asked])
         for i, s in zip(asked, sims, strict=True):
-            best = int(np.argmax(s))  # first index on ties: deterministic
             r = requests[i]
-            if float(s[best]) >= self.threshold and self.names_asked_item(
-                    r.question, r.annotated_questions[best], r.annotated_answers[best]):
-                answers[i] = r.annotated_answers[best]
+            # The most similar annotated question that names the asked item: a trouser
+            # question is answered from the trousers' annotation even when a shoe question
+            # reads more alike. Stable sort: the first index wins ties, deterministically.
+            for j in np.argsort(-s, kind="stable"):
+                if float(s[j]) < self.threshold:
+                    break
+                if self.names_asked_item(r.question, r.annotated_questions[j],
+                                         r.annotated_answers[j]):
+                    answers[i] = r.annotated_answers[j]
+                    break
         return answers
 
     def names_asked_item(self, question: str, annotated_q: str, annotated_a: str) -> bool:

@@ -23,6 +23,7 @@ from llava_reid.dialogue.oracle import best_next_answers
 from llava_reid.dialogue.repeats import (
     REPEAT_OVERLAP,
     asks_what_was_said,
+    names_one_item,
     overlap,
     repeat_score,
 )
@@ -213,9 +214,10 @@ class QuestionerAsker:
 
     @staticmethod
     def waste(question: str, d: Dialogue) -> float:
-        """How much ``question`` asks again (``dialogue.repeats``): its overlap with an earlier
-        question, or 1.0 when the witness has already said what it asks."""
-        if asks_what_was_said(question, [d.initial, *d.answers]):
+        """How much ``question`` would waste the round (``dialogue.repeats``): its overlap
+        with an earlier question, or 1.0 when the witness has already said what it asks or
+        when it is garbled (names no item or several)."""
+        if not names_one_item(question) or asks_what_was_said(question, [d.initial, *d.answers]):
             return 1.0
         return repeat_score(question, d.questions)
 

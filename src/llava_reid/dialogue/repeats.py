@@ -84,6 +84,14 @@ def named_items(words: frozenset[str]) -> frozenset[str]:
     return words & ITEMS
 
 
+def names_one_item(question: str) -> bool:
+    """Whether a question asks about exactly one item, as every annotated question does. A
+    small questioner's hot samples name none ("What colour were theStudy?") or several ("What
+    shoes was she wear on her lower body?"); whatever the witness answers to those, it is not
+    an answer to a question about one thing."""
+    return len(named_items(content_words(question))) == 1
+
+
 def plain_content_words(text: str) -> frozenset[str]:
     """Lower-cased words of three or more letters, without the function words. A hyphenated
     word is one word when it is known ("t-shirt", "long-sleeved"), else its parts
