@@ -74,6 +74,20 @@ def test_attribute_combinations_are_unique_per_split():
     assert max(groups.values()) >= 10
 
 
+def test_outfit_groups_share_clothes_and_differ_in_the_rest():
+    people = synthetic.sample_identities(30, np.random.default_rng(0), set(), outfit_group=3)
+    assert len({p.key for p in people}) == 30
+    for start in range(0, 30, 3):
+        group = people[start:start + 3]
+        assert len({tuple(getattr(p, f) for f in synthetic.OUTFIT) for p in group}) == 1
+    assert len({p.upper_colour for p in people}) > 3  # groups draw their own clothes
+    # Women of a group may wear a skirt; men never do.
+    assert all(p.lower_type != "skirt" for p in people if p.gender == "man")
+    # A group of one is the plain draw: same people from the same stream.
+    plain = synthetic.sample_identities(10, np.random.default_rng(1), set())
+    assert synthetic.sample_identities(10, np.random.default_rng(1), set(), 1) == plain
+
+
 def test_questions_skip_what_the_initial_description_says():
     for seed in range(20):
         rng = np.random.default_rng(seed)

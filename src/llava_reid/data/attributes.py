@@ -81,8 +81,9 @@ class Person:
         return "him" if self.gender == "man" else "her"
 
 
-def sample_person(rng: np.random.Generator) -> Person:
-    gender = "man" if rng.random() < 0.5 else "woman"
+def sample_person(rng: np.random.Generator, gender: str | None = None) -> Person:
+    drawn = "man" if rng.random() < 0.5 else "woman"
+    gender = gender or drawn  # drawn either way: the random stream stays the same
     long_hair_p = 0.15 if gender == "man" else 0.75
     lower_types = LOWER_TYPES if gender == "woman" else ["trousers", "shorts", "jeans"]
     bag = str(rng.choice(BAG_TYPES, p=[0.4, 0.25, 0.15, 0.2]))

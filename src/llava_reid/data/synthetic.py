@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,14 +203,28 @@ def render(person: Person, camera: Camera, height: int, width: int, rng) -> Imag
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def sample_identities(n: int, rng: np.random.Generator, taken: set[tuple]) -> list[Person]:
-    """``n`` people whose attribute combinations are unique (also against ``taken``)."""
+# What people of one outfit group share: gender (a skirt needs a woman) and every garment.
+OUTFIT = ("gender", "upper_type", "upper_colour", "lower_type", "lower_colour", "shoes")
+
+
+def sample_identities(n: int, rng: np.random.Generator, taken: set[tuple],
+                      outfit_group: int = 1) -> list[Person]:
+    """``n`` people whose attribute combinations are unique (also against ``taken``), drawn
+    in groups of ``outfit_group`` who wear the same clothes and differ in hair, bag, hat or
+    glasses: with groups, garments alone cannot tell a person from the rest of the group, so
+    a retriever must learn what the questions about the rest ask."""
     people: list[Person] = []
+    outfit: dict[str, Any] = {}
     while len(people) < n:
-        p = A.sample_person(rng)
+        if len(people) % outfit_group:
+            p = replace(A.sample_person(rng, gender=outfit["gender"]), **outfit)
+        else:
+            p = A.sample_person(rng)
         if p.key not in taken:
             taken.add(p.key)
             people.append(p)
+            if (len(people) - 1) % outfit_group == 0:
+                outfit = {f: getattr(p, f) for f in OUTFIT}
     return people
 
 
@@ -254,7 +268,8 @@ def plan_dataset(synthetic_cfg: dict[str, Any], seed: int):
     records, jobs = [], []
     start = 0
     for split_no, (split, count) in enumerate(zip(SPLITS, counts, strict=True)):
-        people = sample_identities(count, _rng(seed, 1, split_no), taken)
+        people = sample_identities(count, _rng(seed, 1, split_no), taken,
+                                   synthetic_cfg.get("outfit_group", 1))
         for person, pid in zip(people, pids[start : start + count], strict=True):
             for cam in range(synthetic_cfg["images_per_identity"]):
                 rel = f"images/{split}/{pid:05d}_c{cam}.png"
