@@ -99,6 +99,9 @@ def intermediate_targets():
             out("prepare/oracle_plan.parquet"),
             out("prepare/conversations.parquet"),
             out("questioner/visual_tokens/train.safetensors"),
+            *label_fold_paths("retriever/folds/{fold}/metrics.json"),
+            *label_fold_paths("features/folds/{fold}/train_gallery.parquet"),
+            *label_fold_paths("features/folds/{fold}/train_queries.parquet"),
         ]
     if any(m in QUESTIONER_METHODS for m in methods):
         targets.append(out("questioner/visual_tokens/test.safetensors"))
@@ -118,6 +121,29 @@ def intermediate_targets():
                 out("selector/warmup_metrics.json"),
             ]
     return targets
+
+
+def label_fold_paths(pattern):
+    """The cross-fitting folds' artifacts prepare-data labels with (none unless
+    prepare.cross_fit)."""
+    return expand(out(pattern), fold=range(config["prepare"]["cross_fit"]))
+
+
+def fold_labellers(pattern):
+    """prepare_data's input function for the folds' artifacts. Evaluated only when
+    prepare_data is needed: a run that imports the retriever and the questioner never asks.
+    """
+
+    def inputs(wildcards):
+        if config["prepare"]["cross_fit"] and imported("retriever"):
+            raise WorkflowError(
+                "prepare.cross_fit trains fold retrievers with this workflow's retriever "
+                "recipe, but the retriever is imported (retriever.checkpoint): set "
+                "prepare.cross_fit: 0 to label with the imported retriever"
+            )
+        return label_fold_paths(pattern)
+
+    return inputs
 
 
 # -- evaluation -----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ rule prepare_data:
         annotations=out("data/annotations.parquet"),
         gallery=out("features/train_gallery.parquet"),
         retriever=out("retriever/model"),
+        label_retrievers=fold_labellers("retriever/folds/{fold}/model"),
+        label_galleries=fold_labellers("features/folds/{fold}/train_gallery.parquet"),
     output:
         plan=out("prepare/oracle_plan.parquet"),
         conversations=out("prepare/conversations.parquet"),
@@ -25,7 +27,9 @@ rule prepare_data:
         "llava-reid --nproc {resources.gpu} prepare-data --config {params.cfg:q}"
         " --annotations {input.annotations} --gallery {input.gallery}"
         " --retriever {input.retriever} --oracle-plan {output.plan}"
-        " --conversations {output.conversations} > {log} 2>&1"
+        " --conversations {output.conversations}"
+        " --label-retrievers {input.label_retrievers}"
+        " --label-galleries {input.label_galleries} > {log} 2>&1"
 
 
 rule build_tiny_questioner:

@@ -73,3 +73,65 @@ rule cache_features:
         "llava-reid cache-features --config {params.cfg:q} --annotations {input.annotations}"
         " --image-root {params.image_root} --model {input.model} --split {wildcards.split}"
         " --gallery-out {output.gallery} --queries-out {output.queries} > {log} 2>&1"
+
+
+rule train_retriever_fold:
+    """A cross-fitting retriever (prepare.cross_fit): the same recipe without one fold's
+    training identities, so that the look-ahead labels of that fold come from unseen people.
+    """
+    input:
+        annotations=out("data/annotations.parquet"),
+        init=out("models/retriever_init"),
+    output:
+        model=directory(out("retriever/folds/{fold}/model")),
+        metrics=out("retriever/folds/{fold}/metrics.json"),
+    log:
+        out("logs/train_retriever_fold_{fold}.log"),
+    benchmark:
+        out("benchmarks/train_retriever_fold_{fold}.tsv")
+    wildcard_constraints:
+        fold=r"\d+",
+    conda:
+        "../envs/train.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        cfg=stage_config("train-retriever"),
+        image_root=image_root(),
+        folds=config["prepare"]["cross_fit"],
+        checkpoints=out("retriever/folds/{fold}/checkpoints"),
+    shell:
+        "llava-reid --nproc {resources.gpu} train-retriever --config {params.cfg:q} --annotations {input.annotations}"
+        " --image-root {params.image_root} --init {input.init} --out {output.model}"
+        " --metrics {output.metrics} --checkpoints {params.checkpoints}"
+        " --fold {wildcards.fold}/{params.folds} > {log} 2>&1"
+
+
+rule cache_fold_features:
+    """Encode one fold's training images with the retriever that never saw them."""
+    input:
+        annotations=out("data/annotations.parquet"),
+        model=out("retriever/folds/{fold}/model"),
+    output:
+        gallery=out("features/folds/{fold}/train_gallery.parquet"),
+        queries=out("features/folds/{fold}/train_queries.parquet"),
+    log:
+        out("logs/cache_fold_features_{fold}.log"),
+    benchmark:
+        out("benchmarks/cache_fold_features_{fold}.tsv")
+    wildcard_constraints:
+        fold=r"\d+",
+    conda:
+        "../envs/train.yaml"
+    resources:
+        gpu=1,
+    params:
+        cfg=stage_config("cache-features"),
+        image_root=image_root(),
+        folds=config["prepare"]["cross_fit"],
+    shell:
+        "llava-reid cache-features --config {params.cfg:q} --annotations {input.annotations}"
+        " --image-root {params.image_root} --model {input.model} --split train"
+        " --fold {wildcards.fold}/{params.folds} --gallery-out {output.gallery}"
+        " --queries-out {output.queries} > {log} 2>&1"

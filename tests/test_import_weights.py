@@ -21,8 +21,9 @@ from tests.conftest import (
     write_config,
 )
 
-TRAINING_RULES = {"init_retriever", "train_retriever", "prepare_data", "train_questioner",
-                  "warmup_selector", "train_joint"}
+TRAINING_RULES = {"init_retriever", "train_retriever", "train_retriever_fold",
+                  "cache_fold_features", "prepare_data", "train_questioner", "warmup_selector",
+                  "train_joint"}
 
 
 def _dry_run(work: Path, cfg: dict, *under: Path) -> subprocess.CompletedProcess:
@@ -61,9 +62,14 @@ def test_retriever_checkpoint_alone_keeps_the_rest_of_training(tmp_path):
     paths = _fake_checkpoints(tmp_path)
     cfg = small_config()
     cfg["retriever"]["checkpoint"] = {"format": "ours", "path": str(paths["questioner"])}
+    # Cross-fitted labels need fold retrievers trained with this workflow's recipe.
+    proc = _dry_run(tmp_path, cfg)
+    assert proc.returncode != 0
+    assert "prepare.cross_fit: 0" in proc.stdout + proc.stderr
+    cfg["prepare"]["cross_fit"] = 0
     rules = planned_rules(_dry_run(tmp_path, cfg))
     assert "import_retriever" in rules
-    assert not rules & {"init_retriever", "train_retriever"}, rules
+    assert not rules & {"init_retriever", "train_retriever", "train_retriever_fold"}, rules
     assert {"prepare_data", "train_questioner", "warmup_selector", "train_joint"} <= rules
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from llava_reid.artifacts import read_metadata
@@ -53,7 +54,8 @@ def test_every_artifact_is_built(workflow):
                 "selector/warmup.safetensors", "joint/selector.safetensors",
                 "joint/adapter/adapter_config.json", "report/recall_vs_round.png",
                 "report/training_curves.png",
-                "report/metrics.tsv"]:
+                "report/metrics.tsv", "retriever/folds/1/metrics.json",
+                "features/folds/1/train_gallery.parquet"]:
         assert (run / rel).exists(), rel
     for method in METHODS:
         assert (run / f"eval/{method}/dialogues.parquet").exists()
@@ -101,6 +103,36 @@ def test_dialogues_record_what_the_questioner_saw(workflow):
     asked = plain[plain["round"] < cfg["dialogue"]["rounds"]]
     for row in asked.itertuples():  # plain top-k: the candidates are the ranking's head
         assert list(row.candidates) == list(row.top_k[: len(row.candidates)])
+
+
+def test_labels_come_from_the_retriever_that_never_saw_the_identity(workflow):
+    """prepare.cross_fit 2: each training image's look-ahead ranks against its fold's images
+    with the fold retriever trained without them; pools still come from the whole gallery."""
+    from llava_reid.retriever.encoder import RetrieverEncoder
+    from llava_reid.retriever.gallery import Gallery
+
+    run = workflow["run"]
+    plan = pd.read_parquet(run / "prepare/oracle_plan.parquet")
+    convs = pd.read_parquet(run / "prepare/conversations.parquet")
+    annotations = pd.read_parquet(run / "data/annotations.parquet")
+    train = annotations[annotations.split == "train"].set_index("image_idx")
+    meta = read_metadata(run / "prepare/conversations.parquet")
+    assert len(json.loads(meta["label_retrievers"])) == 2
+    folds = [Gallery.from_parquet(str(run / f"features/folds/{k}/train_gallery.parquet"))
+             for k in range(2)]
+    fold_pids = [set(g.pids.tolist()) for g in folds]
+    assert not fold_pids[0] & fold_pids[1]
+    assert fold_pids[0] | fold_pids[1] == set(train.pid)
+    for k, gallery in enumerate(folds):
+        first = plan[(plan["round"] == 0) & plan.pid.isin(fold_pids[k])]
+        assert len(first) > 0
+        encoder = RetrieverEncoder.from_pretrained(str(run / f"retriever/folds/{k}/model"), "cpu")
+        feats = encoder.encode_texts(list(train.loc[first.image_idx, "initial_description"]), 64)
+        ranks = gallery.target_ranks(feats, torch.as_tensor(first.pid.to_numpy())).tolist()
+        assert ranks == first.rank_before.tolist()
+        assert max(ranks) <= len(gallery) < len(train)
+    # Pools rank the whole training gallery.
+    assert max(len(p) for p in convs.pool) > len(folds[0])
 
 
 def test_parquet_artifacts_open_everywhere(workflow):
@@ -200,6 +232,19 @@ def test_editing_num_candidates_keeps_the_training_data_and_the_baselines(workfl
     assert {"train_questioner", "warmup_selector", "train_joint", "evaluate"} <= rules
     assert not rules & {"prepare_data", "train_retriever", "cache_features",
                         "cache_visual_tokens"}, rules
+    assert {m for r, m in jobs if r == "evaluate"} == {"questioner", "selector"}
+
+
+def test_editing_cross_fit_retrains_the_fold_retrievers_not_the_retriever(workflow, tmp_path):
+    """More folds: every fold retriever retrains (each leaves out other identities), then the
+    labels and what learns from them; the retriever and its features stay."""
+    assert workflow["cfg"]["prepare"]["cross_fit"] == 2
+    jobs = _planned_jobs(workflow, tmp_path, lambda cfg: cfg["prepare"].update(cross_fit=3))
+    rules = {r for r, _ in jobs}
+    assert [r for r, _ in jobs].count("train_retriever_fold") == 3
+    assert [r for r, _ in jobs].count("cache_fold_features") == 3
+    assert {"prepare_data", "train_questioner", "warmup_selector", "train_joint"} <= rules
+    assert not rules & {"train_retriever", "cache_features", "init_retriever"}, rules
     assert {m for r, m in jobs if r == "evaluate"} == {"questioner", "selector"}
 
 

@@ -60,6 +60,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--out", {"required": True, "help": "final model folder"}),
             ("--metrics", {"required": True, "help": "metrics.json"}),
             ("--checkpoints", {"required": True, "help": "folder for per-epoch checkpoints"}),
+            ("--fold", {"default": None, "help": "K/N: leave out the training identities of "
+                        "fold K of N (a cross-fitting retriever for prepare-data)"}),
         ],
     ),
     "cache-features": (
@@ -73,6 +75,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--split", {"required": True}),
             ("--gallery-out", {"required": True}),
             ("--queries-out", {"required": True}),
+            ("--fold", {"default": None, "help": "K/N: only the images of identities in fold K"}),
         ],
     ),
     "prepare-data": (
@@ -85,6 +88,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[Arg]]] = {
             ("--retriever", {"required": True, "help": "trained retriever folder"}),
             ("--oracle-plan", {"required": True, "help": "prepare/oracle_plan.parquet"}),
             ("--conversations", {"required": True, "help": "prepare/conversations.parquet"}),
+            ("--label-retrievers", {"nargs": "*", "default": [],
+                                    "help": "fold retrievers (prepare.cross_fit), in fold order"}),
+            ("--label-galleries", {"nargs": "*", "default": [],
+                                   "help": "their held-out training features, in fold order"}),
         ],
     ),
     "build-tiny-questioner": (

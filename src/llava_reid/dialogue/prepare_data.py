@@ -12,6 +12,11 @@ while every step's target stays the look-ahead's choice. Look-ahead histories al
 questioner only the states the oracle visits, while at evaluation its own questions lead
 elsewhere: random histories teach it what to ask from such states.
 
+With ``prepare.cross_fit`` K >= 2, each training image's look-ahead runs with the retriever
+trained without its identity's fold, against that fold's images (llava_reid.data.folds): the
+labels then rate answers as the retriever will on unseen people. Retrieval pools always come
+from the trained retriever and the whole training gallery, as at evaluation.
+
 A seeded fraction of dialogues is duplicated with some history answers replaced by "I don't
 know." so the questioner learns not to repeat such questions.
 
@@ -34,7 +39,7 @@ import pandas as pd
 import torch
 
 from llava_reid.answerer.base import IDK
-from llava_reid.artifacts import write_table
+from llava_reid.artifacts import ArtifactError, write_table
 from llava_reid.data.annotations import read_annotations
 from llava_reid.dialogue.oracle import best_next_answers, usable_answers
 from llava_reid.dialogue.query import append_answer
@@ -56,6 +61,7 @@ class PrepareSettings:
     idk_duplicate_prob: float
     idk_answer_prob: float
     random_history: float
+    cross_fit: int  # 0: labels from the trained retriever; K >= 2: from K fold retrievers
 
 
 @dataclass(frozen=True)
@@ -212,10 +218,37 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+def label_folds(rows: pd.DataFrame, galleries: list[str], label_pids: list[set[int]],
+                folds: int) -> list[pd.DataFrame]:
+    """``rows`` split by the fold gallery their identity is in; every identity in exactly one."""
+    if len(galleries) != folds:
+        raise ArtifactError(f"prepare.cross_fit is {folds} but {len(galleries)} fold galleries "
+                            f"were given ({', '.join(galleries) or 'none'})")
+    seen: dict[int, str] = {}
+    for path, pids in zip(galleries, label_pids, strict=True):
+        for pid in pids:
+            if pid in seen:
+                raise ArtifactError(f"{path}: identity {pid} is also in fold gallery "
+                                    f"{seen[pid]}; the folds must not overlap")
+            seen[pid] = path
+    missing = sorted(set(rows.pid.tolist()) - set(seen))
+    if missing:
+        raise ArtifactError(f"no fold gallery holds training identities {missing[:5]} "
+                            f"({len(missing)} in all): {', '.join(galleries)}")
+    return [rows[rows.pid.isin(pids)] for pids in label_pids]
+
+
 def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
-        oracle_plan: str, conversations: str) -> None:
+        oracle_plan: str, conversations: str, label_retrievers: list[str] | None = None,
+        label_galleries: list[str] | None = None) -> None:
+    """``label_retrievers``/``label_galleries``: the fold retrievers and their held-out
+    training images (cache-features --fold), paired in order, when ``prepare.cross_fit``."""
     settings = typed_view(PrepareConfig, cfg)
     pcfg, seed = settings.prepare, settings.seed
+    label_retrievers, label_galleries = label_retrievers or [], label_galleries or []
+    if len(label_retrievers) != len(label_galleries):
+        raise ArtifactError(f"{len(label_retrievers)} label retrievers but "
+                            f"{len(label_galleries)} label galleries: give them in pairs")
     rank, world = _distributed()
     rows = read_annotations(annotations, split="train").reset_index(drop=True)
     encoder = RetrieverEncoder.from_pretrained(retriever, settings.device)
@@ -223,8 +256,21 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     shard = rows.iloc[rank::world]
     log.info("look-ahead over %d training images (%d on this process), up to %d rounds",
              len(rows), len(shard), settings.rounds)
-    plan = plan_dialogues(encoder, train_gallery, shard, settings.rounds, pcfg.min_remaining,
-                          pcfg.batch_size, pcfg.random_history, seed)
+    if pcfg.cross_fit or label_galleries:
+        fold_galleries = [Gallery.from_parquet(g, encoder.device) for g in label_galleries]
+        parts = label_folds(shard, label_galleries,
+                            [set(g.pids.tolist()) for g in fold_galleries], pcfg.cross_fit)
+        plan = []
+        for k, (path, fold_gallery, part) in enumerate(
+                zip(label_retrievers, fold_galleries, parts, strict=True)):
+            log.info("fold %d/%d: %d images labelled by %s against %d held-out images", k,
+                     len(parts), len(part), path, len(fold_gallery))
+            plan += plan_dialogues(RetrieverEncoder.from_pretrained(path, settings.device),
+                                   fold_gallery, part, settings.rounds, pcfg.min_remaining,
+                                   pcfg.batch_size, pcfg.random_history, seed)
+    else:
+        plan = plan_dialogues(encoder, train_gallery, shard, settings.rounds,
+                              pcfg.min_remaining, pcfg.batch_size, pcfg.random_history, seed)
     if world > 1:
         parts: list[Any] = [None] * world
         torch.distributed.all_gather_object(parts, plan)
@@ -247,6 +293,8 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
 
     tag = config_hash(settings.tag())
     meta = {"retriever": str(retriever), "oracle_r1_per_round": [round(v, 2) for v in recall]}
+    if label_retrievers:
+        meta["label_retrievers"] = [str(r) for r in label_retrievers]
     write_table(plan_df, oracle_plan, "oracle_plan", config_hash=tag, producer="prepare-data",
                 extra_metadata=meta)
     write_table(convs, conversations, "conversations", config_hash=tag,

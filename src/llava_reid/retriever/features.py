@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from llava_reid.artifacts import ArtifactError, write_table
 from llava_reid.data.annotations import read_annotations
+from llava_reid.data.folds import identity_folds, parse_fold
 from llava_reid.data.queries import query_source, split_queries
 from llava_reid.retriever.encoder import RetrieverEncoder
 from llava_reid.runtime import config_hash
@@ -53,11 +54,18 @@ def run(
     split: str,
     gallery_out: str,
     queries_out: str,
+    fold: str | None = None,
 ) -> None:
+    """``fold`` "k/N": only the split's images of identities in fold k of N
+    (llava_reid.data.folds), for the retriever trained without them."""
     rows = read_annotations(annotations, split=split)
     if rows.empty:
         raise ArtifactError(f"{annotations}: split {split!r} has no images")
     settings = typed_view(FeaturesConfig, cfg)
+    selected = parse_fold(fold)
+    if selected is not None:
+        k, n = selected
+        rows = rows[identity_folds(rows.pid, n, settings.seed) == k]
     encoder = RetrieverEncoder.from_pretrained(model, settings.device)
     bs = settings.batch_size
     root = Path(image_root)
@@ -66,8 +74,11 @@ def run(
     initial = encoder.encode_texts(list(queries.initial_description), bs).cpu().numpy()
     fine = encoder.encode_texts(list(queries.fine_grained_description), bs).cpu().numpy()
 
-    tag = config_hash({**settings.tag(), "model": str(model)})
     meta = {"model": str(model), "split": split, "embed_dim": int(gallery.shape[1])}
+    tagged = {**settings.tag(), "model": str(model)}
+    if fold is not None:
+        meta["fold"] = tagged["fold"] = fold
+    tag = config_hash(tagged)
     write_table(
         pa.table({
             "image_idx": pa.array(rows.image_idx.to_numpy(), pa.int32()),

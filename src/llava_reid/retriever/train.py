@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from llava_reid.artifacts import atomic_dir, write_json
 from llava_reid.data.annotations import read_annotations
+from llava_reid.data.folds import identity_folds, parse_fold
 from llava_reid.data.transforms import RetrieverTransform, load_pixels
 from llava_reid.metrics import rank_metrics
 from llava_reid.retriever.encoder import RetrieverEncoder, retriever_settings, write_settings
@@ -261,7 +262,10 @@ def run(
     out: str,
     metrics: str,
     checkpoints: str,
+    fold: str | None = None,
 ) -> None:
+    """``fold`` "k/N": train without the training identities of fold k of N (a cross-fitting
+    retriever, llava_reid.data.folds); validation and test stay whole."""
     settings = typed_view(RetrieverTrainingConfig, cfg)
     recipe, seed = settings.recipe, settings.seed
     image_root = Path(image_root)
@@ -270,7 +274,13 @@ def run(
     table = read_annotations(annotations)
     train_rows = table[table.split == "train"]
     val_rows = table[table.split == "val"]
-    num_classes = int(train_rows.class_id.max()) + 1
+    num_classes = int(train_rows.class_id.max()) + 1  # of the whole split: ids stay put
+    held_out = parse_fold(fold)
+    if held_out is not None:
+        k, n = held_out
+        train_rows = train_rows[identity_folds(train_rows.pid, n, seed) != k]
+        log.info("fold %d/%d: training on %d images of %d identities", k, n, len(train_rows),
+                 train_rows.pid.nunique())
 
     tokenizer = load_tokenizer(init)
     weights = recipe.losses
@@ -297,9 +307,11 @@ def run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, plan.steps * recipe.warmup_epochs, 0.1)
     )
-    ckpt = Checkpoints(checkpoints, config_hash({
-        "retriever": settings.retriever, "seed": seed, "init": init,
-        "inputs": inputs_fingerprint(annotations, image_root, init)}))
+    tag = {"retriever": settings.retriever, "seed": seed, "init": init,
+           "inputs": inputs_fingerprint(annotations, image_root, init)}
+    if fold is not None:
+        tag["fold"] = fold
+    ckpt = Checkpoints(checkpoints, config_hash(tag))
     state = ckpt.load_state()
     if state is not None:
         ckpt.restore(model)
