@@ -48,17 +48,22 @@ def method_adapter(method):
     return out("joint/adapter") if method == "selector" else out("questioner/adapter")
 
 
-def final_adapter():
-    """The adapter whose trained projector evaluation-time visual tokens come from."""
-    methods = config["evaluate"]["methods"]
-    return method_adapter("selector" if "selector" in methods else "questioner")
-
-
 def projector_adapter(wildcards):
-    """When the projector trains, evaluation-time visual tokens come from the trained one."""
+    """When the projector trains, the SFT adapter's projector makes evaluation-time visual
+    tokens (the training split's stay the base projector's: training encodes images online).
+    """
     if config["questioner"]["train_projector"] and wildcards.split != "train":
-        return final_adapter()
+        return out("questioner/adapter")
     return []
+
+
+def method_visual_tokens(method):
+    """The test split's visual tokens a method's questioner reads: one cache from the base
+    projector, or, when the projector trains, one from each evaluated adapter's projector
+    (the joint adapter's differs from the SFT adapter's)."""
+    if config["questioner"]["train_projector"] and method == "selector":
+        return out("joint/visual_tokens/test.safetensors")
+    return out("questioner/visual_tokens/test.safetensors")
 
 
 def all_targets():
@@ -103,8 +108,10 @@ def intermediate_targets():
             *label_fold_paths("features/folds/{fold}/train_gallery.parquet"),
             *label_fold_paths("features/folds/{fold}/train_queries.parquet"),
         ]
+    targets += sorted(
+        {method_visual_tokens(m) for m in methods if m in QUESTIONER_METHODS}
+    )
     if any(m in QUESTIONER_METHODS for m in methods):
-        targets.append(out("questioner/visual_tokens/test.safetensors"))
         if not config["questioner"]["pretrained"]:
             targets.append(out("models/questioner_tiny"))
     if config["data"]["source"] == "synthetic":
@@ -168,7 +175,7 @@ def method_models(wildcards):
     models = {
         "questioner": questioner_model(),
         "adapter": method_adapter(wildcards.method),
-        "visual_tokens": out("questioner/visual_tokens/test.safetensors"),
+        "visual_tokens": method_visual_tokens(wildcards.method),
     }
     if wildcards.method == "selector":
         models["selector"] = out("joint/selector.safetensors")

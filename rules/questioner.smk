@@ -82,6 +82,21 @@ rule cache_visual_tokens:
         " > {log} 2>&1"
 
 
+use rule cache_visual_tokens as cache_joint_visual_tokens with:
+    # questioner.train_projector only: the jointly trained adapter's projector differs from
+    # the SFT adapter's, so the selector method reads tokens of its own.
+    input:
+        annotations=out("data/annotations.parquet"),
+        model=questioner_model(),
+        adapter=out("joint/adapter"),
+    output:
+        out("joint/visual_tokens/{split}.safetensors"),
+    log:
+        out("logs/cache_joint_visual_tokens_{split}.log"),
+    benchmark:
+        out("benchmarks/cache_joint_visual_tokens_{split}.tsv")
+
+
 rule train_questioner:
     """LoRA SFT of the questioner on the look-ahead conversations."""
     input:

@@ -148,6 +148,19 @@ def planned_rules(proc: subprocess.CompletedProcess) -> set[str]:
     return {rule for rule, _ in planned_jobs(proc)}
 
 
+def planned_inputs(proc: subprocess.CompletedProcess, rule: str) -> dict[str, str]:
+    """A dry run's jobs of ``rule``: their wildcards as printed -> their input line."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout):
+        if re.match(rf"(?:local)?rule {rule}:", block.strip()):
+            wildcards = re.search(r"wildcards:\s*(.*)", block)
+            inputs = re.search(r"input:\s*(.*)", block)
+            jobs[wildcards.group(1).strip() if wildcards else ""] = (
+                inputs.group(1) if inputs else "")
+    return jobs
+
+
 # -- one small trained run, shared ----------------------------------------------------------
 
 TRAINED_RUN_METHODS = ["initial", "random", "oracle", "questioner", "selector"]

@@ -325,3 +325,22 @@ def test_run_without_artifacts_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "retriever" in proc.stderr and "snakemake demo" in proc.stderr
 
+
+
+@pytest.mark.parametrize(("train_projector", "method", "tokens"), [
+    (False, "selector", "questioner/visual_tokens/test.safetensors"),
+    (False, "questioner", "questioner/visual_tokens/test.safetensors"),
+    (True, "selector", "joint/visual_tokens/test.safetensors"),
+    (True, "questioner", "questioner/visual_tokens/test.safetensors"),
+])
+def test_demo_reads_the_visual_tokens_of_its_adapters_projector(tmp_path, train_projector,
+                                                                method, tokens):
+    """As the workflow's evaluation does (rules/common.smk, method_visual_tokens)."""
+    from llava_reid.witness.run_files import RunFiles
+
+    cfg = small_config()
+    cfg["questioner"]["train_projector"] = train_projector
+    files = RunFiles.locate(tmp_path, cfg, method)
+    assert files.visual_tokens == tmp_path / tokens
+    assert files.adapter == tmp_path / ("joint/adapter" if method == "selector"
+                                        else "questioner/adapter")

@@ -14,6 +14,7 @@ import yaml
 from tests.conftest import (
     REPO,
     dry_run,
+    planned_inputs,
     planned_rules,
     sglang_stand_in_env,
     small_config,
@@ -117,6 +118,18 @@ def test_released_preset_schedules_no_training_job(tmp_path):
     assert not rules & TRAINING_RULES, rules
     assert "build_tiny_questioner" not in rules and "synthesize_data" not in rules
     assert "/results/llava-reid-released/" in proc.stdout or "results/llava-reid-released/" in proc.stdout
+    # Its projector trains (train_projector): each evaluated adapter reads visual tokens made
+    # by its own projector, the SFT adapter's and the jointly trained one's.
+    evaluations = planned_inputs(proc, "evaluate")
+    questioner = next(v for k, v in evaluations.items() if "method=questioner" in k)
+    selector = next(v for k, v in evaluations.items() if "method=selector" in k)
+    assert "questioner/visual_tokens/test.safetensors" in questioner
+    assert "joint/visual_tokens/test.safetensors" in selector
+    assert "questioner/visual_tokens" not in selector
+    (sft_cache,) = planned_inputs(proc, "cache_visual_tokens").values()
+    (joint_cache,) = planned_inputs(proc, "cache_joint_visual_tokens").values()
+    assert "questioner/adapter" in sft_cache and "joint/adapter" not in sft_cache
+    assert "joint/adapter" in joint_cache
 
 
 @pytest.mark.parametrize("section", ["retriever", "questioner", "selector"])

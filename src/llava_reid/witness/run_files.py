@@ -23,6 +23,14 @@ def default_config(run: str | Path | None) -> str:
     return "config.yaml"
 
 
+def visual_tokens_path(cfg: dict[str, Any], method: str) -> str:
+    """The test split's visual tokens ``method`` reads (rules/common.smk,
+    ``method_visual_tokens``): the joint adapter's own when the projector trains."""
+    if cfg.get("questioner", {}).get("train_projector") and method == "selector":
+        return "joint/visual_tokens/test.safetensors"
+    return "questioner/visual_tokens/test.safetensors"
+
+
 class RunNotReady(FileNotFoundError):
     """The run lacks artifacts the demo needs."""
 
@@ -67,7 +75,7 @@ class RunFiles:
             retriever=run / "retriever/model",
             questioner=Path(pretrained) if pretrained else run / "models/questioner_tiny",
             adapter=run / ("joint/adapter" if method == "selector" else "questioner/adapter"),
-            visual_tokens=run / "questioner/visual_tokens/test.safetensors",
+            visual_tokens=run / visual_tokens_path(cfg, method),
             selector=run / "joint/selector.safetensors" if method == "selector" else None,
             simulated=run / f"eval/{method}/dialogues.parquet",
             image_root=Path(image_root or "."),
