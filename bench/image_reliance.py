@@ -34,7 +34,7 @@ import torch
 from llava_reid.config import load_config, load_yaml
 from llava_reid.questioner.loading import ImageTokens, attach_lora, load_base
 from llava_reid.questioner.sft_data import Example, load_examples, split_holdout
-from llava_reid.questioner.train import SFTConfig
+from llava_reid.questioner.train import SFTConfig, make_batch
 from llava_reid.stage_views import typed_view
 
 POOL_DEPTH = 20
@@ -88,8 +88,7 @@ def mean_loss(q, held: list[Example], image_ids: list[list[int]], tokens: ImageT
     total, count = 0.0, 0
     for s in range(0, len(held), batch_size):
         batch_examples, ids = held[s:s + batch_size], image_ids[s:s + batch_size]
-        prompts = [e.prompt(len(i)) for e, i in zip(batch_examples, ids, strict=True)]
-        batch = q.training_batch(prompts, ids, tokens(ids), [e.target for e in batch_examples])
+        batch = make_batch(q, batch_examples, len(ids[0]), tokens, ids)
         total += float(q.loss(batch)) * len(batch_examples)
         count += len(batch_examples)
     return total / count

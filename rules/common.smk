@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 from llava_reid.data import SPLITS
 from llava_reid.stage_views import QUESTIONER_METHODS, stage_view_json
+from llava_reid.witness import run_files
 
 RESULTS = f"{config['results']}/{config['run']}"
 
@@ -45,7 +46,7 @@ def questioner_model():
 
 def method_adapter(method):
     """The questioner adapter a method evaluates: SFT alone, or after joint training."""
-    return out("joint/adapter") if method == "selector" else out("questioner/adapter")
+    return out(run_files.method_adapter(method))
 
 
 def projector_adapter(wildcards):
@@ -58,12 +59,9 @@ def projector_adapter(wildcards):
 
 
 def method_visual_tokens(method):
-    """The test split's visual tokens a method's questioner reads: one cache from the base
-    projector, or, when the projector trains, one from each evaluated adapter's projector
-    (the joint adapter's differs from the SFT adapter's)."""
-    if config["questioner"]["train_projector"] and method == "selector":
-        return out("joint/visual_tokens/test.safetensors")
-    return out("questioner/visual_tokens/test.safetensors")
+    """The test split's visual tokens a method's questioner reads (with a trained projector,
+    each evaluated adapter has its own)."""
+    return out(run_files.method_visual_tokens(config, method))
 
 
 def all_targets():

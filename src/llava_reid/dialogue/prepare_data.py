@@ -257,24 +257,24 @@ def run(cfg: dict[str, Any], annotations: str, gallery: str, retriever: str,
     log.info("look-ahead over %d training images (%d on this process), up to %d rounds",
              len(rows), len(shard), settings.rounds)
     if pcfg.cross_fit or label_galleries:
-        fold_galleries = [Gallery.from_parquet(g, encoder.device) for g in label_galleries]
-        parts = label_folds(shard, label_galleries,
-                            [set(g.pids.tolist()) for g in fold_galleries], pcfg.cross_fit)
-        plan = []
-        for k, (path, fold_gallery, part) in enumerate(
-                zip(label_retrievers, fold_galleries, parts, strict=True)):
-            log.info("fold %d/%d: %d images labelled by %s against %d held-out images", k,
-                     len(parts), len(part), path, len(fold_gallery))
-            plan += plan_dialogues(RetrieverEncoder.from_pretrained(path, settings.device),
-                                   fold_gallery, part, settings.rounds, pcfg.min_remaining,
-                                   pcfg.batch_size, pcfg.random_history, seed)
+        galleries = [Gallery.from_parquet(g, encoder.device) for g in label_galleries]
+        parts = label_folds(shard, label_galleries, [set(g.pids.tolist()) for g in galleries],
+                            pcfg.cross_fit)
+        labellers = list(zip(label_retrievers, galleries, parts, strict=True))
     else:
-        plan = plan_dialogues(encoder, train_gallery, shard, settings.rounds,
-                              pcfg.min_remaining, pcfg.batch_size, pcfg.random_history, seed)
+        labellers = [(retriever, train_gallery, shard)]
+    plan = []
+    for path, label_gallery, part in labellers:
+        log.info("%d images labelled by %s against %d images", len(part), path,
+                 len(label_gallery))
+        labeller = encoder if path == retriever else RetrieverEncoder.from_pretrained(
+            path, settings.device)
+        plan += plan_dialogues(labeller, label_gallery, part, settings.rounds,
+                               pcfg.min_remaining, pcfg.batch_size, pcfg.random_history, seed)
     if world > 1:
-        parts: list[Any] = [None] * world
-        torch.distributed.all_gather_object(parts, plan)
-        plan = [p for part in parts for p in part]
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, plan)
+        plan = [p for part in gathered for p in part]
     if rank != 0:
         return
     plan_df = pd.DataFrame(plan).sort_values(["image_idx", "round"]).reset_index(drop=True)

@@ -66,8 +66,11 @@ class SFTLoss(nn.Module):
 
 
 def make_batch(q: Questioner, examples: list[Example], num_candidates: int,
-               tokens: ImageTokens) -> Batch:
-    image_ids = [e.top_k(num_candidates) for e in examples]
+               tokens: ImageTokens, image_ids: list[list[int]] | None = None) -> Batch:
+    """A training batch; the candidates are each example's pool top-k unless ``image_ids``
+    names others (bench/image_reliance.py)."""
+    if image_ids is None:
+        image_ids = [e.top_k(num_candidates) for e in examples]
     prompts = [e.prompt(len(ids)) for e, ids in zip(examples, image_ids, strict=True)]
     return q.training_batch(prompts, image_ids, tokens(image_ids), [e.target for e in examples])
 

@@ -23,9 +23,16 @@ def default_config(run: str | Path | None) -> str:
     return "config.yaml"
 
 
-def visual_tokens_path(cfg: dict[str, Any], method: str) -> str:
-    """The test split's visual tokens ``method`` reads (rules/common.smk,
-    ``method_visual_tokens``): the joint adapter's own when the projector trains."""
+def method_adapter(method: str) -> str:
+    """The questioner adapter a method evaluates, in a run: SFT alone, or after joint
+    training. The workflow's evaluation (rules/common.smk) and the demo both read it here."""
+    return "joint/adapter" if method == "selector" else "questioner/adapter"
+
+
+def method_visual_tokens(cfg: dict[str, Any], method: str) -> str:
+    """The test split's visual tokens a method's questioner reads, in a run: one cache from
+    the base projector, or, when the projector trains, one from each evaluated adapter's
+    projector (the joint adapter's differs from the SFT adapter's)."""
     if cfg.get("questioner", {}).get("train_projector") and method == "selector":
         return "joint/visual_tokens/test.safetensors"
     return "questioner/visual_tokens/test.safetensors"
@@ -74,8 +81,8 @@ class RunFiles:
             queries=run / "features/test_queries.parquet",
             retriever=run / "retriever/model",
             questioner=Path(pretrained) if pretrained else run / "models/questioner_tiny",
-            adapter=run / ("joint/adapter" if method == "selector" else "questioner/adapter"),
-            visual_tokens=run / visual_tokens_path(cfg, method),
+            adapter=run / method_adapter(method),
+            visual_tokens=run / method_visual_tokens(cfg, method),
             selector=run / "joint/selector.safetensors" if method == "selector" else None,
             simulated=run / f"eval/{method}/dialogues.parquet",
             image_root=Path(image_root or "."),
